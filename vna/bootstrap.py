@@ -1,0 +1,90 @@
+"""Build the adapters the settings name: ``build(settings) -> Deps``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from vna.config import Settings
+from vna.ports import BlobStore, Bus, Cache, Index
+
+
+@dataclass
+class Deps:
+    """Everything a service hands to the use cases."""
+
+    settings: Settings
+    blobs: BlobStore
+    index: Index
+    bus: Bus
+    cache: Cache
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Optional ports added by other services (e.g. 'worklist')."""
+
+    def close(self) -> None:
+        self.bus.stop()
+        self.index.close()
+
+
+def build_blobs(settings: Settings) -> BlobStore:
+    url = settings.blob_url()
+    scheme = urlparse(url).scheme
+    if scheme == "file":
+        from vna.adapters.blob.filesystem import FilesystemBlobStore
+
+        return FilesystemBlobStore.from_url(url)
+    if scheme == "s3":
+        from vna.adapters.blob.s3 import S3BlobStore
+
+        return S3BlobStore.from_url(
+            url,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            region=settings.s3_region,
+        )
+    if scheme == "memory":
+        from vna.adapters.blob.memory import MemoryBlobStore
+
+        return MemoryBlobStore()
+    raise ValueError(f"VNA_STORAGE_URL: unsupported scheme {scheme!r}")
+
+
+def build_index(settings: Settings) -> Index:
+    from vna.adapters.index.sqlalchemy import SqlIndex
+
+    return SqlIndex.from_url(settings.db_url())
+
+
+def build_bus(settings: Settings) -> Bus:
+    scheme = urlparse(settings.bus_url).scheme
+    if scheme == "local":
+        from vna.adapters.bus.local import LocalBus
+
+        return LocalBus()
+    if scheme in ("amqp", "amqps"):
+        from vna.adapters.bus.rabbitmq import RabbitBus
+
+        return RabbitBus(settings.bus_url)
+    raise ValueError(f"VNA_BUS_URL: unsupported scheme {scheme!r}")
+
+
+def build_cache(settings: Settings) -> Cache:
+    if settings.redis_url:
+        from vna.adapters.cache.redis import RedisCache
+
+        return RedisCache(settings.redis_url)
+    from vna.adapters.cache.memory import MemoryCache
+
+    return MemoryCache()
+
+
+def build(settings: Settings) -> Deps:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return Deps(
+        settings=settings,
+        blobs=build_blobs(settings),
+        index=build_index(settings),
+        bus=build_bus(settings),
+        cache=build_cache(settings),
+    )

@@ -1,0 +1,69 @@
+"""Settings: the only place that reads the environment (prefix ``VNA_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything VNA can be told from outside, with the embedded defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="VNA_", extra="ignore")
+
+    data_dir: Path = Path("./data")
+    ae_title: str = "VNA"
+    dimse_port: int = 11112
+    http_port: int = 8080
+    bind: str = "127.0.0.1"
+    peers: str = Field(
+        default="",
+        description="Known AEs for C-MOVE: 'AE@host:port,AE2@host:port'",
+    )
+
+    storage_url: str = ""
+    """``file:///path`` (default: ``$DATA_DIR/blobs``) or ``s3://bucket?endpoint=...``."""
+    index_url: str = ""
+    """``sqlite:///path`` (default: ``$DATA_DIR/index.sqlite``) or ``postgresql://...``."""
+    bus_url: str = "local://"
+    """``local://`` (in-process) or ``amqp://user:pass@host:port/vhost``."""
+    redis_url: str = ""
+    """Optional: ``redis://host:port/db``; in-process cache and locks when empty."""
+
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_region: str = "us-east-1"
+
+    ingest_workers: int = 1
+    """DIMSE ingest processes sharing the port (SO_REUSEPORT); 0 means one per core."""
+    max_pdu: int = 0
+    """Maximum PDU length we accept; 0 means unlimited."""
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    log_level: str = "INFO"
+    log_format: str = "json"
+
+    # Conflict policies (design invariant 5): 'reject' is the only safe default.
+    on_sop_conflict: str = "reject"
+    on_patient_conflict: str = "reject"
+
+    def blob_url(self) -> str:
+        return self.storage_url or (self.data_dir.resolve() / "blobs").as_uri()
+
+    def db_url(self) -> str:
+        if self.index_url:
+            return self.index_url
+        return f"sqlite:///{(self.data_dir.resolve() / 'index.sqlite')}"
+
+    def peer_table(self) -> dict[str, tuple[str, int]]:
+        """Parse ``VNA_PEERS`` into ``{AE: (host, port)}``."""
+        table: dict[str, tuple[str, int]] = {}
+        for item in filter(None, (p.strip() for p in self.peers.split(","))):
+            ae, _, addr = item.partition("@")
+            host, _, port = addr.rpartition(":")
+            if not ae or not host or not port.isdigit():
+                raise ValueError(f"VNA_PEERS entry {item!r} is not AE@host:port")
+            table[ae.strip()] = (host, int(port))
+        return table

@@ -1,0 +1,358 @@
+"""Attribute matching shared by C-FIND and QIDO-RS (PS3.4 C.2.2.2, PS3.18 8.3.4).
+
+This module turns a request's keys into a backend-neutral ``Query``; the
+index adapter translates a ``Query`` into SQL. Nothing here knows about
+tables, and nothing in the adapter knows about request syntax.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+
+from vna.dicom.uids import is_valid_uid
+
+
+class QueryError(ValueError):
+    """A request key or value that cannot be matched; the message says why."""
+
+
+class Level(StrEnum):
+    PATIENT = "PATIENT"
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+LEVEL_ORDER = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
+
+
+@dataclass(frozen=True)
+class Attribute:
+    keyword: str
+    vr: str
+    level: Level
+    computed: bool = False
+    """Derived from lower levels (counts, ModalitiesInStudy): not stored as-is."""
+
+
+def _attrs(level: Level, spec: str, computed: bool = False) -> dict[str, Attribute]:
+    out = {}
+    for keyword in spec.split():
+        out[keyword] = Attribute(keyword, dictionary_VR(keyword), level, computed)
+    return out
+
+
+# The attributes the index keeps as columns, by level. Everything else a client
+# asks to have returned comes from the stored metadata of the instances.
+ATTRIBUTES: dict[str, Attribute] = {
+    **_attrs(Level.PATIENT, "PatientName PatientID IssuerOfPatientID PatientBirthDate PatientSex"),
+    **_attrs(
+        Level.PATIENT,
+        "NumberOfPatientRelatedStudies NumberOfPatientRelatedSeries "
+        "NumberOfPatientRelatedInstances",
+        computed=True,
+    ),
+    **_attrs(
+        Level.STUDY,
+        "StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID StudyDescription "
+        "ReferringPhysicianName",
+    ),
+    **_attrs(
+        Level.STUDY,
+        "ModalitiesInStudy SOPClassesInStudy NumberOfStudyRelatedSeries "
+        "NumberOfStudyRelatedInstances",
+        computed=True,
+    ),
+    **_attrs(
+        Level.SERIES,
+        "SeriesInstanceUID Modality SeriesNumber SeriesDescription SeriesDate SeriesTime "
+        "BodyPartExamined PerformedProcedureStepStartDate PerformedProcedureStepStartTime",
+    ),
+    **_attrs(Level.SERIES, "NumberOfSeriesRelatedInstances", computed=True),
+    **_attrs(
+        Level.IMAGE,
+        "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns NumberOfFrames "
+        "ContentDate ContentTime",
+    ),
+}
+
+UNIQUE_KEY = {
+    Level.PATIENT: "PatientID",
+    Level.STUDY: "StudyInstanceUID",
+    Level.SERIES: "SeriesInstanceUID",
+    Level.IMAGE: "SOPInstanceUID",
+}
+
+DEFAULT_RETURN_KEYS: dict[Level, list[str]] = {
+    # PS3.18 Table 10.6.3-3..5: what QIDO-RS returns without includefield.
+    Level.PATIENT: [
+        "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+        "NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+        "NumberOfPatientRelatedInstances",
+    ],
+    Level.STUDY: [
+        "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+        "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
+        "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
+        "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+    ],
+    Level.SERIES: [
+        "Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID",
+        "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
+        "PerformedProcedureStepStartTime",
+    ],
+    Level.IMAGE: [
+        "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
+        "NumberOfFrames",
+    ],
+}
+
+
+class MatchKind(StrEnum):
+    SINGLE = "single"
+    WILDCARD = "wildcard"
+    RANGE = "range"
+    LIST = "list"
+
+
+@dataclass(frozen=True)
+class Match:
+    """One matching key: ``keyword`` compared by ``kind`` against ``values``.
+
+    SINGLE: one value. WILDCARD: one pattern with ``*``/``?``. RANGE: (low, high)
+    with '' for an open end, already normalised for comparison. LIST: any of.
+    ``fuzzy`` (PN only): compare case- and accent-insensitively, by component.
+    """
+
+    keyword: str
+    kind: MatchKind
+    values: tuple[str, ...]
+    fuzzy: bool = False
+
+
+@dataclass(frozen=True)
+class Query:
+    level: Level
+    matches: tuple[Match, ...] = ()
+    return_keys: tuple[str, ...] = ()
+    limit: int | None = None
+    offset: int = 0
+    patient_root: bool = False
+    extra_return_keys: tuple[str, ...] = field(default=())
+    """Return keys the index does not keep as columns (filled from metadata)."""
+
+
+# ------------------------------------------------------------------ normalisation
+def normalize_person_name(value: str) -> str:
+    """Upper-case, accents stripped, only the alphabetic group: the PN search form."""
+    alphabetic = value.split("=")[0]
+    decomposed = unicodedata.normalize("NFKD", alphabetic)
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return stripped.upper().strip()
+
+
+_DA = re.compile(r"^\d{8}$")
+_TM = re.compile(r"^(\d{2})(\d{2})?(\d{2})?(\.\d{1,6})?$")
+
+
+def normalize_date(value: str, keyword: str = "date") -> str:
+    value = value.strip().replace("-", "") if len(value.strip()) == 10 else value.strip()
+    if not _DA.match(value):
+        raise QueryError(f"{keyword}: {value!r} is not a date (YYYYMMDD)")
+    month, day = int(value[4:6]), int(value[6:8])
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        raise QueryError(f"{keyword}: {value!r} is not a valid date")
+    return value
+
+
+def normalize_time(value: str, keyword: str = "time", upper: bool = False) -> str:
+    """Fixed-width ``HHMMSS.ffffff`` so that times compare as strings.
+
+    Missing components are filled with their lowest value, or their highest
+    when ``upper`` (so that a range up to ``1010`` includes ``101059``).
+    """
+    value = value.strip().replace(":", "")
+    m = _TM.match(value)
+    if not m:
+        raise QueryError(f"{keyword}: {value!r} is not a time (HHMMSS.FFFFFF)")
+    hh = m.group(1)
+    mm = m.group(2) or ("59" if upper else "00")
+    ss = m.group(3) or ("59" if upper else "00")
+    frac = (m.group(4) or ".")[1:]
+    frac = frac.ljust(6, "9" if upper and not m.group(4) else "0")
+    if int(hh) > 23 or int(mm) > 59 or int(ss) > 60:
+        raise QueryError(f"{keyword}: {value!r} is not a valid time")
+    return f"{hh}{mm}{ss}.{frac}"
+
+
+def stored_time(value: str) -> str:
+    """The form a TM value is stored in for range matching ('' when unparsable)."""
+    try:
+        return normalize_time(value) if value else ""
+    except QueryError:
+        return ""
+
+
+# ------------------------------------------------------------------ building
+def resolve_keyword(key: str) -> str:
+    """A keyword for ``key`` given as keyword or as tag ('00100010', '0010,0010')."""
+    cleaned = key.replace(",", "").replace("(", "").replace(")", "").strip()
+    if re.fullmatch(r"[0-9A-Fa-f]{8}", cleaned):
+        keyword = keyword_for_tag(int(cleaned, 16))
+        if not keyword:
+            raise QueryError(f"{key}: not an attribute this archive can match on")
+        return keyword
+    if tag_for_keyword(cleaned) is None:
+        raise QueryError(f"{key}: unknown attribute")
+    return cleaned
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def build_match(keyword: str, raw: str, *, fuzzy: bool = False) -> Match | None:
+    """A ``Match`` for one key, or None for universal matching (empty value)."""
+    attr = ATTRIBUTES.get(keyword)
+    vr = attr.vr if attr else dictionary_VR(keyword)
+    value = raw.strip() if vr not in ("PN",) else raw
+    if value == "" or value == "*":
+        return None
+    if vr == "UI":
+        uids = tuple(u.strip() for u in value.split("\\") if u.strip())
+        for uid in uids:
+            if not is_valid_uid(uid):
+                raise QueryError(f"{keyword}: {uid!r} is not a valid UID")
+        if len(uids) == 1:
+            return Match(keyword, MatchKind.SINGLE, uids)
+        return Match(keyword, MatchKind.LIST, uids)
+    if vr in ("DA", "TM", "DT"):
+        norm_lo, norm_hi = _normalizers(vr, keyword)
+        if "-" in value and not (vr == "DA" and len(value) == 10 and value[4] == "-"):
+            lo, _, hi = value.partition("-")
+            if not lo and not hi:
+                raise QueryError(f"{keyword}: {value!r} is not a range")
+            return Match(
+                keyword,
+                MatchKind.RANGE,
+                (norm_lo(lo) if lo else "", norm_hi(hi) if hi else ""),
+            )
+        if vr == "TM":
+            # A single time matches the whole precision it is given in.
+            return Match(keyword, MatchKind.RANGE, (norm_lo(value), norm_hi(value)))
+        return Match(keyword, MatchKind.SINGLE, (norm_lo(value),))
+    if vr == "PN":
+        value = value.strip()
+        if fuzzy:
+            return Match(keyword, MatchKind.WILDCARD, (normalize_person_name(value),), fuzzy=True)
+        norm = normalize_person_name(value)
+        kind = MatchKind.WILDCARD if _has_wildcard(norm) else MatchKind.SINGLE
+        return Match(keyword, kind, (norm,))
+    if "\\" in value and vr in ("CS", "SH", "LO", "IS"):
+        return Match(keyword, MatchKind.LIST, tuple(v.strip() for v in value.split("\\")))
+    if _has_wildcard(value):
+        return Match(keyword, MatchKind.WILDCARD, (value,))
+    return Match(keyword, MatchKind.SINGLE, (value,))
+
+
+def _normalizers(vr: str, keyword: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
+    if vr == "DA":
+        def da(v: str) -> str:
+            return normalize_date(v, keyword)
+        return da, da
+    if vr == "TM":
+        def tm_lo(v: str) -> str:
+            return normalize_time(v, keyword)
+
+        def tm_hi(v: str) -> str:
+            return normalize_time(v, keyword, upper=True)
+        return tm_lo, tm_hi
+
+    def dt(v: str) -> str:
+        v = v.strip()
+        if not re.fullmatch(r"\d{4,14}(\.\d{1,6})?([+-]\d{4})?", v):
+            raise QueryError(f"{keyword}: {v!r} is not a date-time")
+        return v
+    return dt, dt
+
+
+
+def level_of(keyword: str) -> Level | None:
+    attr = ATTRIBUTES.get(keyword)
+    return attr.level if attr else None
+
+
+def build_query(
+    level: Level,
+    keys: Mapping[str, str],
+    *,
+    return_keys: list[str] | None = None,
+    fuzzy: bool = False,
+    limit: int | None = None,
+    offset: int = 0,
+    patient_root: bool = False,
+    strict: bool = True,
+) -> Query:
+    """Build a ``Query`` at ``level`` from matching keys ``keyword -> raw value``.
+
+    Keys with empty values are universal: they are return keys only. With
+    ``strict`` (QIDO-RS) a key the index cannot match on is an error; without
+    it (C-FIND) such a key is only returned.
+    """
+    matches: list[Match] = []
+    returned: list[str] = list(return_keys or [])
+    for key, raw in keys.items():
+        keyword = resolve_keyword(key)
+        attr = ATTRIBUTES.get(keyword)
+        returned.append(keyword)
+        if attr is None or (attr.computed and keyword != "ModalitiesInStudy"):
+            if raw.strip() and raw.strip() != "*":
+                if strict:
+                    raise QueryError(f"{keyword}: not a matching key at the {level} level")
+            continue
+        if LEVEL_ORDER.index(attr.level) > LEVEL_ORDER.index(level):
+            if raw.strip() and strict:
+                raise QueryError(f"{keyword}: is below the {level} level")
+            continue
+        match = build_match(keyword, raw, fuzzy=fuzzy)
+        if match is not None:
+            matches.append(match)
+    if limit is not None and limit < 0:
+        raise QueryError("limit must not be negative")
+    if offset < 0:
+        raise QueryError("offset must not be negative")
+    seen: dict[str, None] = {}
+    for k in returned:
+        seen.setdefault(k, None)
+    columns = tuple(k for k in seen if k in ATTRIBUTES)
+    extra = tuple(k for k in seen if k not in ATTRIBUTES)
+    return Query(
+        level=level,
+        matches=tuple(matches),
+        return_keys=columns,
+        limit=limit,
+        offset=offset,
+        patient_root=patient_root,
+        extra_return_keys=extra,
+    )
+
+
+def wildcard_to_like(pattern: str) -> str:
+    """A SQL LIKE pattern (escape character backslash) for a DICOM wildcard."""
+    out = []
+    for ch in pattern:
+        if ch in "%_\\":
+            out.append("\\" + ch)
+        elif ch == "*":
+            out.append("%")
+        elif ch == "?":
+            out.append("_")
+        else:
+            out.append(ch)
+    return "".join(out)

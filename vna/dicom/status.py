@@ -1,0 +1,36 @@
+"""DIMSE status codes used by VNA, by name (PS3.4 Annex B, C, PS3.7 C)."""
+
+from __future__ import annotations
+
+SUCCESS = 0x0000
+CANCEL = 0xFE00
+PENDING = 0xFF00
+PENDING_WARNING = 0xFF01  # optional keys not supported
+
+# Storage (PS3.4 B.2.3)
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+DUPLICATE_SOP_INSTANCE_CONFLICT = 0xC001
+"""Refused: same SOP Instance UID with other content (a C0xx 'cannot understand' code)."""
+PATIENT_CONFLICT = 0xC002
+"""Refused: Study Instance UID known under another Patient ID."""
+INVALID_UID = 0xC003
+COERCION_OF_DATA_ELEMENTS = 0xB000
+ELEMENTS_DISCARDED = 0xB006
+
+# Query/Retrieve (PS3.4 C.4)
+FIND_OUT_OF_RESOURCES = 0xA700
+IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNABLE_TO_PROCESS = 0xC000
+MOVE_OUT_OF_RESOURCES_SUBOPERATIONS = 0xA702
+MOVE_DESTINATION_UNKNOWN = 0xA801
+SUBOPERATIONS_COMPLETE_WITH_FAILURES = 0xB000
+
+# Application-level error comments are limited to 64 characters (LO).
+ERROR_COMMENT_MAX = 64
+
+
+def error_comment(text: str) -> str:
+    """Fit a reason into an Error Comment (0000,0902) LO value."""
+    return text if len(text) <= ERROR_COMMENT_MAX else text[: ERROR_COMMENT_MAX - 3] + "..."

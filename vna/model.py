@@ -1,0 +1,62 @@
+"""Value objects that cross module boundaries (frozen pydantic models)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import NewType
+
+from pydantic import BaseModel, ConfigDict
+
+BlobKey = NewType("BlobKey", str)
+"""Lower-case hex SHA-256 of a blob's bytes: its content address."""
+
+_BLOB_KEY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def is_blob_key(value: str) -> bool:
+    return bool(_BLOB_KEY.match(value))
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class InstanceRef(Frozen):
+    """Where an instance sits in the DICOM hierarchy."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+class InstanceClaim(Frozen):
+    """What the store path records synchronously for each instance it accepts.
+
+    The claim is written in the same transaction as the ``instance.stored``
+    event (transactional outbox), and its unique keys are what make repeated
+    sends idempotent and conflicting sends visible.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    issuer_of_patient_id: str = ""
+    transfer_syntax_uid: str
+    blob_key: BlobKey
+    dataset_sha256: str
+    """SHA-256 of the data set alone: framing-independent identity of the content."""
+    size: int
+
+
+class StoredInstance(Frozen):
+    """An instance as the index knows it."""
+
+    ref: InstanceRef
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    blob_key: BlobKey
+    size: int
+    stored_at: datetime | None = None

@@ -1,0 +1,206 @@
+"""Ports: what the core needs from the outside world, as Protocols.
+
+Every port has an in-memory adapter shipped with the core and a contract
+suite in ``tests/contract`` that runs over every adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol, runtime_checkable
+
+from vna.dicom.matching import Query
+from vna.events import Event, InstanceStored
+from vna.model import BlobKey, InstanceClaim, StoredInstance
+
+
+class Unavailable(Exception):
+    """A backend cannot be reached; the caller answers 'retry later'."""
+
+
+# --------------------------------------------------------------------------- blobs
+@runtime_checkable
+class BlobStore(Protocol):
+    """Write-once, content-addressed bytes (key = SHA-256 of the bytes)."""
+
+    def put_file(self, key: BlobKey, path: Path) -> bool:
+        """Make the file durable at ``key``; True if written, False if it already was.
+
+        The adapter may move ``path`` instead of copying it; the caller must not
+        use it afterwards. Raises ``Unavailable`` when the store cannot be reached.
+        """
+        ...
+
+    def exists(self, key: BlobKey) -> bool: ...
+
+    def open(self, key: BlobKey) -> BinaryIO:
+        """A sequential reader over the blob (do not seek). KeyError if absent."""
+        ...
+
+    def read_range(self, key: BlobKey, start: int, length: int | None = None) -> bytes:
+        """Bytes ``[start, start+length)`` (to the end when length is None)."""
+        ...
+
+    def size(self, key: BlobKey) -> int: ...
+
+    def local_path(self, key: BlobKey) -> Path | None:
+        """A path on this machine holding the blob, when the store has one."""
+        ...
+
+    def keys(self) -> Iterator[BlobKey]:
+        """Every key in the store (for reindex and scrub)."""
+        ...
+
+    def check(self) -> None:
+        """Raise ``Unavailable`` when the store cannot be used (readiness)."""
+        ...
+
+
+# --------------------------------------------------------------------------- index
+class ClaimOutcome(Enum):
+    NEW = "new"
+    DUPLICATE = "duplicate"  # identical data set already held: nothing to do
+
+
+class ConflictKind(Enum):
+    SOP_INSTANCE = "sop-instance"
+    PATIENT = "patient"
+
+
+class ConflictError(Exception):
+    """The instance contradicts what the archive holds (design invariant 5)."""
+
+    def __init__(self, kind: ConflictKind, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    id: int
+    routing_key: str
+    payload: bytes
+
+
+@dataclass
+class IndexRecord:
+    """Everything the index keeps of one instance, extracted from its header."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+    metadata_json: str
+    """The instance's DICOM JSON (PS3.18 F), bulk data as BulkDataURIs."""
+    blob_key: BlobKey
+    size: int
+    transfer_syntax_uid: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Index(Protocol):
+    """The queryable index, the claims that guard it, and the event outbox."""
+
+    # ---- store path (synchronous, before the sender is answered)
+    def claim(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
+        """Record ``claim`` and its event in one transaction (transactional outbox).
+
+        DUPLICATE when the same data set is already claimed; raises
+        ``ConflictError`` when the SOP Instance UID is claimed with other content
+        or the study belongs to another patient. Unique constraints decide races.
+        """
+        ...
+
+    def find_claim(self, sop_instance_uid: str) -> InstanceClaim | None: ...
+
+    def claims(self) -> Iterator[InstanceClaim]: ...
+
+    # ---- outbox relay
+    def outbox_pending(self, limit: int = 100) -> list[OutboxEntry]: ...
+
+    def outbox_done(self, ids: Sequence[int]) -> None: ...
+
+    def outbox_depth(self) -> int: ...
+
+    # ---- indexer
+    def upsert_instance(self, record: IndexRecord) -> bool:
+        """Index one instance; True if added, False if it was already there."""
+        ...
+
+    # ---- readers
+    def search(self, query: Query) -> list[dict[str, Any]]:
+        """Rows matching ``query`` at its level: keyword -> value (see matching)."""
+        ...
+
+    def instances(
+        self,
+        study_instance_uid: str | None = None,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        patient_id: str | None = None,
+    ) -> list[StoredInstance]: ...
+
+    def metadata(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[str]:
+        """Stored DICOM JSON of the matching instances, in instance order."""
+        ...
+
+    def counts(self) -> dict[str, int]:
+        """Rows per level and claims not yet indexed ('unindexed')."""
+        ...
+
+    def check(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- bus
+EventHandler = Callable[[Event], None]
+
+
+class Bus(Protocol):
+    """Publishes events durably and delivers them at least once."""
+
+    def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish ``(routing_key, encoded event)`` pairs and wait until the
+        broker has them all (publisher confirms, mandatory routing).
+
+        Raises ``Unavailable`` when they cannot be confirmed; nothing is lost,
+        the outbox keeps them.
+        """
+        ...
+
+    def subscribe(self, queue: str, routing_keys: Sequence[str], handler: EventHandler) -> None:
+        """Deliver matching events to ``handler`` (ack after it returns)."""
+        ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def queue_depth(self) -> int: ...
+
+    def check(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- cache
+class Cache(Protocol):
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes, ttl: float | None = None) -> None: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def lock(self, name: str, timeout: float = 30.0) -> Any:
+        """A context manager holding a named lock across processes."""
+        ...
+
+    def check(self) -> None: ...
