@@ -79,13 +79,6 @@ class ConflictError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class OutboxEntry:
-    id: int
-    routing_key: str
-    payload: bytes
-
-
 @dataclass
 class IndexRecord:
     """Everything the index keeps of one instance, extracted from its header."""
@@ -120,15 +113,24 @@ class Index(Protocol):
     def claims(self) -> Iterator[InstanceClaim]: ...
 
     # ---- outbox relay
-    def outbox_pending(self, limit: int = 100) -> list[OutboxEntry]: ...
+    def relay_outbox(
+        self, publish: Callable[[list[tuple[str, bytes]]], None], limit: int = 200
+    ) -> int:
+        """Hand pending events to ``publish``; remove them only once it returned.
 
-    def outbox_done(self, ids: Sequence[int]) -> None: ...
+        Returns how many were handed over. ``publish`` raising leaves them pending.
+        """
+        ...
 
     def outbox_depth(self) -> int: ...
 
     # ---- indexer
-    def upsert_instance(self, record: IndexRecord) -> bool:
-        """Index one instance; True if added, False if it was already there."""
+    def upsert_instance(self, record: IndexRecord, event: Event | None = None) -> bool:
+        """Index one instance; True if added, False if it was already there.
+
+        ``event`` (e.g. ``instance.indexed``) is put in the outbox in the same
+        transaction when the instance is added.
+        """
         ...
 
     # ---- readers

@@ -1,0 +1,143 @@
+"""The DIMSE front door: C-ECHO and C-STORE on one AE (Q/R and MWL/MPPS plug in).
+
+Handlers are plain functions with the event first; dependencies are bound
+keyword-only with ``functools.partial``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import (
+    ALL_TRANSFER_SYNTAXES,
+    AE,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
+
+from vna.bootstrap import Deps
+from vna.dicom import status
+from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
+
+log = logging.getLogger("vna.ingest")
+
+# Receive data sets straight to disk (large objects never sit whole in memory)
+# and send stored files without decoding them.
+_config.STORE_RECV_CHUNKED_DATASET = True
+_config.STORE_SEND_CHUNKED_DATASET = True
+# pynetdicom logs identifiers at INFO/DEBUG: keep patient data out of our logs.
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+STORE_STATUS = {
+    StoreFailure.UNREADABLE: status.CANNOT_UNDERSTAND,
+    StoreFailure.INVALID: status.INVALID_UID,
+    StoreFailure.MISMATCH: status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    StoreFailure.SOP_CONFLICT: status.DUPLICATE_SOP_INSTANCE_CONFLICT,
+    StoreFailure.PATIENT_CONFLICT: status.PATIENT_CONFLICT,
+    StoreFailure.UNAVAILABLE: status.OUT_OF_RESOURCES,
+}
+
+
+class IngestServer(ThreadedAssociationServer):
+    """Sets TCP_NODELAY on every association socket; may share its port (SO_REUSEPORT)."""
+
+    allow_reuse_port = False
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, addr
+
+    def server_bind(self) -> None:
+        if self.allow_reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class SharedPortServer(IngestServer):
+    allow_reuse_port = True
+
+
+def handle_echo(event: evt.Event) -> int:
+    return status.SUCCESS
+
+
+def handle_store(event: evt.Event, *, deps: Deps, on_stored: Callable[[], None] | None = None
+                 ) -> Dataset | int:
+    """C-STORE: hand the received bytes, as received, to ``store_instance``."""
+    req = event.request
+    received = Received(
+        path=Path(event.dataset_path),
+        sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
+        sop_instance_uid=str(req.AffectedSOPInstanceUID or "") or None,
+        source_ae=str(event.assoc.requestor.ae_title),
+    )
+    try:
+        store_instance(received, blobs=deps.blobs, index=deps.index,
+                       staging_dir=staging_dir(deps))
+    except StoreError as exc:
+        rsp = Dataset()
+        rsp.Status = STORE_STATUS[exc.failure]
+        rsp.ErrorComment = status.error_comment(exc.reason)
+        return rsp
+    if on_stored is not None:
+        on_stored()
+    return status.SUCCESS
+
+
+def staging_dir(deps: Deps) -> Path:
+    """Where incoming data sets are framed: beside the blobs when they are files."""
+    root = getattr(deps.blobs, "staging_dir", None)
+    path: Path = root() if callable(root) else deps.settings.data_dir / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def build_ae(deps: Deps) -> AE:
+    settings = deps.settings
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_pdu_size = settings.max_pdu
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.maximum_associations = 64
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    return ae
+
+
+Registrar = Callable[[AE, list[tuple[Any, Callable[..., Any]]], Deps], None]
+
+
+def start_dimse(deps: Deps, *, on_stored: Callable[[], None] | None = None,
+                registrars: list[Registrar] | None = None, shared_port: bool = False
+                ) -> AssociationServer:
+    """Start the AE on ``VNA_BIND:VNA_DIMSE_PORT`` in background threads."""
+    ae = build_ae(deps)
+    handlers: list[tuple[Any, Callable[..., Any]]] = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, partial(handle_store, deps=deps, on_stored=on_stored)),
+    ]
+    for register in registrars or []:
+        register(ae, handlers, deps)
+    server: AssociationServer = ae.make_server(
+        (deps.settings.bind, deps.settings.dimse_port),
+        evt_handlers=handlers,
+        server_class=SharedPortServer if shared_port else IngestServer,
+    )
+    thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    log.info("DIMSE listening", extra={"ae_title": deps.settings.ae_title,
+                                       "port": deps.settings.dimse_port})
+    return server

@@ -1,0 +1,5 @@
+import sys
+
+from vna.cli import main
+
+sys.exit(main())

@@ -1,0 +1,145 @@
+"""The index schema (SQLAlchemy Core). Column names: DICOM keywords in snake_case."""
+
+from __future__ import annotations
+
+import re
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+from vna.dicom.matching import ATTRIBUTES, Level
+
+metadata = MetaData()
+
+
+def column_name(keyword: str) -> str:
+    """``PatientName`` -> ``patient_name``; ``PatientName_norm`` -> ``patient_name_norm``."""
+    base, _, suffix = keyword.partition("_")
+    snake = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", base).lower()
+    return f"{snake}_{suffix}" if suffix else snake
+
+
+def _attribute_columns(level: Level) -> list[Column[object]]:
+    cols: list[Column[object]] = []
+    for keyword, attr in ATTRIBUTES.items():
+        if attr.level != level or attr.computed or keyword in ("PatientID", "IssuerOfPatientID"):
+            continue
+        if keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            continue
+        if attr.vr in ("IS", "US", "UL", "SL", "SS"):
+            cols.append(Column(column_name(keyword), Integer, nullable=True))
+        else:
+            cols.append(Column(column_name(keyword), String(256), nullable=False, default=""))
+        if attr.vr in ("PN", "TM"):
+            cols.append(Column(column_name(keyword + "_norm"), String(256), nullable=False,
+                               default=""))
+    return cols
+
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer_of_patient_id", String(64), nullable=False, default=""),
+    *_attribute_columns(Level.PATIENT),
+    UniqueConstraint("patient_id", "issuer_of_patient_id", name="uq_patient"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("study_instance_uid", String(64), nullable=False, unique=True),
+    Column("patient_pk", Integer, ForeignKey("patients.pk"), nullable=False, index=True),
+    *_attribute_columns(Level.STUDY),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("series_instance_uid", String(64), nullable=False, unique=True),
+    Column("study_pk", Integer, ForeignKey("studies.pk"), nullable=False, index=True),
+    *_attribute_columns(Level.SERIES),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("sop_instance_uid", String(64), nullable=False, unique=True),
+    Column("series_pk", Integer, ForeignKey("series.pk"), nullable=False, index=True),
+    *_attribute_columns(Level.IMAGE),
+    Column("transfer_syntax_uid", String(64), nullable=False),
+    Column("blob_key", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("metadata", Text, nullable=False),
+    Column("stored_at", DateTime(timezone=True), nullable=True),
+)
+
+# What the store path records before it answers (claims + outbox, one transaction).
+claims = Table(
+    "claims",
+    metadata,
+    Column("sop_instance_uid", String(64), primary_key=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False, index=True),
+    Column("series_instance_uid", String(64), nullable=False),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer_of_patient_id", String(64), nullable=False, default=""),
+    Column("transfer_syntax_uid", String(64), nullable=False),
+    Column("blob_key", String(64), nullable=False),
+    Column("dataset_sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("claimed_at", DateTime(timezone=True), nullable=False),
+)
+
+study_patients = Table(
+    "study_patients",
+    metadata,
+    Column("study_instance_uid", String(64), primary_key=True),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer_of_patient_id", String(64), nullable=False, default=""),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("routing_key", String(64), nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("actor", String(64), nullable=False, default=""),
+    Column("subject", String(128), nullable=False, default=""),
+    Column("detail", Text, nullable=False, default=""),
+    Column("prev_hash", String(64), nullable=False, default=""),
+    Column("hash", String(64), nullable=False, default=""),
+)
+
+Index("ix_studies_study_date", studies.c.study_date)
+Index("ix_studies_accession", studies.c.accession_number)
+Index("ix_patients_name", patients.c.patient_name_norm)
+Index("ix_series_modality", series.c.modality)

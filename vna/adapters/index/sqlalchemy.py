@@ -1,0 +1,668 @@
+"""The index on SQLite (embedded) or PostgreSQL (distributed), via SQLAlchemy Core.
+
+The only module that writes SQL for the archive core. Queries arrive as
+backend-neutral ``vna.dicom.matching.Query`` objects and are translated here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    Select,
+    and_,
+    create_engine,
+    event,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import SQLAlchemyError as _SAError
+
+from vna.adapters.index.schema import (
+    claims,
+    column_name,
+    instances,
+    outbox,
+    patients,
+    series,
+    studies,
+    study_patients,
+)
+from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
+from vna.events import Event, InstanceStored, encode_event
+from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
+from vna.ports import (
+    ClaimOutcome,
+    ConflictError,
+    ConflictKind,
+    IndexRecord,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+_TABLE_OF_LEVEL = {
+    Level.PATIENT: patients,
+    Level.STUDY: studies,
+    Level.SERIES: series,
+    Level.IMAGE: instances,
+}
+_UID_COLUMN = {
+    "PatientID": patients.c.patient_id,
+    "IssuerOfPatientID": patients.c.issuer_of_patient_id,
+    "StudyInstanceUID": studies.c.study_instance_uid,
+    "SeriesInstanceUID": series.c.series_instance_uid,
+    "SOPInstanceUID": instances.c.sop_instance_uid,
+}
+
+
+def _normalise_url(url: str) -> str:
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    if url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url[len("postgres://") :]
+    return url
+
+
+def make_engine(url: str) -> Engine:
+    """An engine with VNA's connection settings (SQLite: WAL, FULL sync, busy wait)."""
+    url = _normalise_url(url)
+    if url.startswith("sqlite"):
+        path = url.split(":///", 1)[1] if ":///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 60}, pool_size=8,
+            max_overflow=16,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # We issue BEGIN ourselves (below), so the driver must not.
+            dbapi_conn.isolation_level = None
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed claim + outbox event survives power loss (invariant 1).
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA busy_timeout=60000")
+            # DICOM matching is case-sensitive (PN is matched on a folded copy).
+            cur.execute("PRAGMA case_sensitive_like=ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            # Writers take the lock up front: a deferred transaction that upgrades
+            # from read to write can fail at once with SQLITE_BUSY under contention
+            # from another process, instead of waiting.
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get("write") else "BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (Alembic), safely from many processes."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(74211)"))
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class SqlIndex:
+    """``Index`` over SQLAlchemy Core."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self._sqlite_write = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, run_migrations: bool = True) -> SqlIndex:
+        engine = make_engine(url)
+        try:
+            if run_migrations:
+                migrate(engine)
+        except OperationalError as exc:
+            raise Unavailable(f"index database: {exc.orig}") from exc
+        return cls(engine)
+
+    # ------------------------------------------------------------ helpers
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    def _write(self) -> Any:
+        """A write transaction. SQLite allows one writer: serialise in-process."""
+        return _WriteTx(self)
+
+    # ------------------------------------------------------------ store path
+    def claim(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
+        try:
+            with self._write() as conn:
+                outcome = self._claim(conn, claim)
+                if outcome is ClaimOutcome.NEW:
+                    conn.execute(
+                        outbox.insert().values(
+                            routing_key=event.routing_key,
+                            payload=encode_event(event),
+                            created_at=_now(),
+                            attempts=0,
+                        )
+                    )
+                return outcome
+        except (ConflictError, Unavailable):
+            raise
+        except IntegrityError:
+            # A concurrent writer claimed the same keys first: decide against its row.
+            with self.engine.connect() as conn:
+                return self._claim(conn, claim, check_only=True)
+        except _SAError as exc:
+            raise Unavailable(f"index database: {exc}") from exc
+
+    def _claim(self, conn: Connection, claim: InstanceClaim, check_only: bool = False
+               ) -> ClaimOutcome:
+        existing = conn.execute(
+            select(claims.c.dataset_sha256, claims.c.study_instance_uid).where(
+                claims.c.sop_instance_uid == claim.sop_instance_uid
+            )
+        ).first()
+        if existing is not None:
+            if existing.dataset_sha256 == claim.dataset_sha256:
+                return ClaimOutcome.DUPLICATE
+            raise ConflictError(
+                ConflictKind.SOP_INSTANCE,
+                "SOP Instance UID already stored with different content",
+            )
+        owner = conn.execute(
+            select(study_patients.c.patient_id, study_patients.c.issuer_of_patient_id).where(
+                study_patients.c.study_instance_uid == claim.study_instance_uid
+            )
+        ).first()
+        if owner is not None and (owner.patient_id, owner.issuer_of_patient_id) != (
+            claim.patient_id,
+            claim.issuer_of_patient_id,
+        ):
+            raise ConflictError(
+                ConflictKind.PATIENT, "Study Instance UID belongs to another Patient ID"
+            )
+        if check_only:
+            raise Unavailable("claim raced with a concurrent writer; retry")
+        if owner is None:
+            conn.execute(
+                study_patients.insert().values(
+                    study_instance_uid=claim.study_instance_uid,
+                    patient_id=claim.patient_id,
+                    issuer_of_patient_id=claim.issuer_of_patient_id,
+                )
+            )
+        conn.execute(claims.insert().values(**claim.model_dump(), claimed_at=_now()))
+        return ClaimOutcome.NEW
+
+    def find_claim(self, sop_instance_uid: str) -> InstanceClaim | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(claims).where(claims.c.sop_instance_uid == sop_instance_uid)
+            ).first()
+        if row is None:
+            return None
+        data = dict(row._mapping)
+        data.pop("claimed_at", None)
+        return InstanceClaim.model_validate(data)
+
+    def claims(self) -> Iterator[InstanceClaim]:
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(claims)):
+                data = dict(row._mapping)
+                data.pop("claimed_at", None)
+                yield InstanceClaim.model_validate(data)
+
+    # ------------------------------------------------------------ outbox
+    def relay_outbox(self, publish: Callable[[list[tuple[str, bytes]]], None],
+                     limit: int = 200) -> int:
+        """Hand up to ``limit`` pending events to ``publish``; delete them once it returns.
+
+        PostgreSQL: rows are locked (SKIP LOCKED) for the duration, so several
+        relays share the outbox without publishing an event twice. SQLite: one
+        relay per data directory; rows are read, published, then deleted (the
+        local bus writes to this same database while publishing).
+        """
+        try:
+            if self.dialect == "postgresql":
+                with self.engine.begin() as conn:
+                    rows = conn.execute(
+                        select(outbox.c.id, outbox.c.routing_key, outbox.c.payload)
+                        .order_by(outbox.c.id).limit(limit).with_for_update(skip_locked=True)
+                    ).all()
+                    if rows:
+                        publish([(r.routing_key, bytes(r.payload)) for r in rows])
+                        conn.execute(outbox.delete().where(outbox.c.id.in_([r.id for r in rows])))
+                    return len(rows)
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(outbox.c.id, outbox.c.routing_key, outbox.c.payload)
+                    .order_by(outbox.c.id).limit(limit)
+                ).all()
+            if rows:
+                publish([(r.routing_key, bytes(r.payload)) for r in rows])
+                with self._write() as conn:
+                    conn.execute(outbox.delete().where(outbox.c.id.in_([r.id for r in rows])))
+            return len(rows)
+        except _SAError as exc:
+            raise Unavailable(f"index database: {exc}") from exc
+
+    def outbox_depth(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(outbox)).scalar_one())
+
+    # ------------------------------------------------------------ indexer
+    def upsert_instance(self, record: IndexRecord, event: Event | None = None) -> bool:
+        patient_id = record.patient.get("PatientID") or ""
+        issuer = record.patient.get("IssuerOfPatientID") or ""
+        sop_uid = record.instance["SOPInstanceUID"]
+        try:
+            with self._write() as conn:
+                if conn.execute(
+                    select(instances.c.pk).where(instances.c.sop_instance_uid == sop_uid)
+                ).first():
+                    return False
+                patient_pk = self._get_or_insert(
+                    conn, patients,
+                    and_(patients.c.patient_id == patient_id,
+                         patients.c.issuer_of_patient_id == issuer),
+                    {"patient_id": patient_id, "issuer_of_patient_id": issuer,
+                     **_columns(record.patient, Level.PATIENT)},
+                )
+                study_uid = record.study["StudyInstanceUID"]
+                study_pk = self._get_or_insert(
+                    conn, studies, studies.c.study_instance_uid == study_uid,
+                    {"study_instance_uid": study_uid, "patient_pk": patient_pk,
+                     **_columns(record.study, Level.STUDY)},
+                )
+                series_uid = record.series["SeriesInstanceUID"]
+                series_pk = self._get_or_insert(
+                    conn, series, series.c.series_instance_uid == series_uid,
+                    {"series_instance_uid": series_uid, "study_pk": study_pk,
+                     **_columns(record.series, Level.SERIES)},
+                )
+                result = conn.execute(
+                    self._insert(instances)
+                    .values(
+                        sop_instance_uid=sop_uid,
+                        series_pk=series_pk,
+                        transfer_syntax_uid=record.transfer_syntax_uid,
+                        blob_key=record.blob_key,
+                        size=record.size,
+                        metadata=record.metadata_json,
+                        stored_at=_now(),
+                        **_columns(record.instance, Level.IMAGE),
+                    )
+                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                )
+                added = bool(result.rowcount)
+                if added and event is not None:
+                    conn.execute(outbox.insert().values(
+                        routing_key=event.routing_key, payload=encode_event(event),
+                        created_at=_now(), attempts=0))
+                return added
+        except _SAError as exc:
+            raise Unavailable(f"index database: {exc}") from exc
+
+    def _get_or_insert(self, conn: Connection, table: Any, where: ColumnElement[bool],
+                       values: dict[str, Any]) -> int:
+        row = conn.execute(select(table.c.pk).where(where)).first()
+        if row is not None:
+            return int(row.pk)
+        conn.execute(self._insert(table).values(**values).on_conflict_do_nothing())
+        return int(conn.execute(select(table.c.pk).where(where)).scalar_one())
+
+    # ------------------------------------------------------------ readers
+    def instances(
+        self,
+        study_instance_uid: str | None = None,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        patient_id: str | None = None,
+    ) -> list[StoredInstance]:
+        stmt = (
+            select(
+                studies.c.study_instance_uid, series.c.series_instance_uid,
+                instances.c.sop_instance_uid, instances.c.sop_class_uid,
+                instances.c.transfer_syntax_uid, instances.c.blob_key, instances.c.size,
+                instances.c.stored_at,
+            )
+            .select_from(instances.join(series).join(studies).join(patients))
+            .order_by(series.c.series_number, series.c.pk, instances.c.instance_number,
+                      instances.c.pk)
+        )
+        if study_instance_uid:
+            stmt = stmt.where(studies.c.study_instance_uid == study_instance_uid)
+        if series_instance_uid:
+            stmt = stmt.where(series.c.series_instance_uid == series_instance_uid)
+        if sop_instance_uid:
+            stmt = stmt.where(instances.c.sop_instance_uid == sop_instance_uid)
+        if patient_id is not None:
+            stmt = stmt.where(patients.c.patient_id == patient_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        return [
+            StoredInstance(
+                ref=InstanceRef(
+                    study_instance_uid=r.study_instance_uid,
+                    series_instance_uid=r.series_instance_uid,
+                    sop_instance_uid=r.sop_instance_uid,
+                ),
+                sop_class_uid=r.sop_class_uid,
+                transfer_syntax_uid=r.transfer_syntax_uid,
+                blob_key=BlobKey(r.blob_key),
+                size=r.size,
+                stored_at=r.stored_at,
+            )
+            for r in rows
+        ]
+
+    def metadata(
+        self,
+        study_instance_uid: str,
+        series_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+    ) -> list[str]:
+        stmt = (
+            select(instances.c.metadata)
+            .select_from(instances.join(series).join(studies))
+            .where(studies.c.study_instance_uid == study_instance_uid)
+            .order_by(series.c.series_number, series.c.pk, instances.c.instance_number,
+                      instances.c.pk)
+        )
+        if series_instance_uid:
+            stmt = stmt.where(series.c.series_instance_uid == series_instance_uid)
+        if sop_instance_uid:
+            stmt = stmt.where(instances.c.sop_instance_uid == sop_instance_uid)
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(stmt)]
+
+    def search(self, query: Query) -> list[dict[str, Any]]:
+        return _Search(self, query).run()
+
+    def counts(self) -> dict[str, int]:
+        with self.engine.connect() as conn:
+            out = {
+                name: int(conn.execute(select(func.count()).select_from(t)).scalar_one())
+                for name, t in (("patients", patients), ("studies", studies),
+                                ("series", series), ("instances", instances),
+                                ("claims", claims), ("outbox", outbox))
+            }
+        out["unindexed"] = max(0, out["claims"] - out["instances"])
+        return out
+
+    def check(self) -> None:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except _SAError as exc:
+            raise Unavailable(f"index database: {exc}") from exc
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+class _WriteTx:
+    """``with index._write() as conn``: one transaction, serialised for SQLite."""
+
+    def __init__(self, index: SqlIndex) -> None:
+        self.index = index
+        self._ctx: Any = None
+        self._conn: Any = None
+
+    def __enter__(self) -> Connection:
+        if self.index.dialect == "sqlite":
+            self.index._sqlite_write.acquire()
+        try:
+            self._conn = self.index.engine.connect()
+            self._conn.info["write"] = True
+            self._ctx = self._conn.begin()
+            self._ctx.__enter__()
+            return self._conn
+        except BaseException:
+            if self.index.dialect == "sqlite":
+                self.index._sqlite_write.release()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            try:
+                self._ctx.__exit__(*exc)
+            finally:
+                self._conn.info.pop("write", None)
+                self._conn.close()
+        finally:
+            if self.index.dialect == "sqlite":
+                self.index._sqlite_write.release()
+
+
+def _columns(values: dict[str, Any], level: Level) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for keyword, value in values.items():
+        base = keyword.split("_")[0]
+        attr = ATTRIBUTES.get(base)
+        if attr is None or attr.level != level or attr.computed:
+            continue
+        if base in ("PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID",
+                    "SOPInstanceUID"):
+            continue
+        out[column_name(keyword)] = value if value is not None or attr.vr in (
+            "IS", "US", "UL", "SL", "SS") else ""
+    return out
+
+
+# ------------------------------------------------------------------ query translation
+_CHILD_COUNTS = {
+    "NumberOfPatientRelatedStudies": (Level.PATIENT, Level.STUDY),
+    "NumberOfPatientRelatedSeries": (Level.PATIENT, Level.SERIES),
+    "NumberOfPatientRelatedInstances": (Level.PATIENT, Level.IMAGE),
+    "NumberOfStudyRelatedSeries": (Level.STUDY, Level.SERIES),
+    "NumberOfStudyRelatedInstances": (Level.STUDY, Level.IMAGE),
+    "NumberOfSeriesRelatedInstances": (Level.SERIES, Level.IMAGE),
+}
+
+
+class _Search:
+    def __init__(self, index: SqlIndex, query: Query) -> None:
+        self.index = index
+        self.query = query
+        self.level = query.level
+        self.base = _TABLE_OF_LEVEL[query.level]
+
+    def _column(self, keyword: str, norm: bool = False) -> Any:
+        if keyword in _UID_COLUMN:
+            return _UID_COLUMN[keyword]
+        attr = ATTRIBUTES[keyword]
+        table = _TABLE_OF_LEVEL[attr.level]
+        return table.c[column_name(keyword + ("_norm" if norm else ""))]
+
+    def _condition(self, m: Match) -> ColumnElement[bool]:
+        if m.keyword == "ModalitiesInStudy":
+            modalities = list(m.values)
+            cond: ColumnElement[bool] = (
+                series.c.modality.in_(modalities) if m.kind is not MatchKind.WILDCARD
+                else series.c.modality.like(wildcard_to_like(m.values[0]), escape="\\")
+            )
+            return exists().where(and_(series.c.study_pk == studies.c.pk, cond))
+        attr = ATTRIBUTES[m.keyword]
+        folded = attr.vr in ("PN", "TM")
+        col = self._column(m.keyword, norm=folded)
+        if m.kind is MatchKind.SINGLE:
+            return bool_eq(col, m.values[0])
+        if m.kind is MatchKind.LIST:
+            return col.in_(list(m.values))
+        if m.kind is MatchKind.RANGE:
+            lo, hi = m.values
+            parts = [col != ""]
+            if lo:
+                parts.append(col >= lo)
+            if hi:
+                parts.append(col <= hi)
+            return and_(*parts)
+        pattern = m.values[0]
+        if m.fuzzy:
+            # Each query component matches the start of some name component.
+            words = [w for w in pattern.replace("^", " ").replace(",", " ").split() if w]
+            conds = []
+            for w in words:
+                like = wildcard_to_like(w.rstrip("*")) + "%"
+                conds.append(or_(col.like(like, escape="\\"),
+                                 col.like("%^" + like, escape="\\"),
+                                 col.like("% " + like, escape="\\")))
+            return and_(*conds) if conds else col == col
+        return col.like(wildcard_to_like(pattern), escape="\\")
+
+    def _from(self) -> Any:
+        if self.level is Level.PATIENT:
+            return patients
+        if self.level is Level.STUDY:
+            return studies.join(patients)
+        if self.level is Level.SERIES:
+            return series.join(studies).join(patients)
+        return instances.join(series).join(studies).join(patients)
+
+    def run(self) -> list[dict[str, Any]]:
+        q = self.query
+        wanted: list[str] = []
+        for keyword in q.return_keys:
+            attr = ATTRIBUTES[keyword]
+            if attr.computed:
+                continue
+            if _level_index(attr.level) <= _level_index(self.level):
+                wanted.append(keyword)
+        for keyword in _hierarchy_keys(self.level):
+            if keyword not in wanted:
+                wanted.append(keyword)
+        cols = [self.base.c.pk.label("_pk")]
+        cols += [self._column(k).label(k) for k in wanted]
+        stmt: Select[Any] = select(*cols).select_from(self._from())
+        for m in q.matches:
+            if ATTRIBUTES.get(m.keyword) and _level_index(ATTRIBUTES[m.keyword].level) > \
+                    _level_index(self.level):
+                continue
+            stmt = stmt.where(self._condition(m))
+        stmt = stmt.order_by(self.base.c.pk)
+        if q.limit is not None:
+            stmt = stmt.limit(q.limit)
+        if q.offset:
+            stmt = stmt.offset(q.offset)
+        with self.index.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt)]
+            if rows:
+                self._computed(conn, rows)
+                if q.extra_return_keys:
+                    self._representative_metadata(conn, rows)
+        return rows
+
+    def _computed(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        pks = [r["_pk"] for r in rows]
+        wanted = set(self.query.return_keys)
+        by_pk = {r["_pk"]: r for r in rows}
+        for keyword, (parent, child) in _CHILD_COUNTS.items():
+            if keyword not in wanted or parent is not self.level:
+                continue
+            counts = self._count_children(conn, parent, child, pks)
+            for pk, row in by_pk.items():
+                row[keyword] = counts.get(pk, 0)
+        if self.level is Level.STUDY and wanted & {"ModalitiesInStudy", "SOPClassesInStudy"}:
+            mods: dict[int, set[str]] = {}
+            for pk, modality in conn.execute(
+                select(series.c.study_pk, series.c.modality).distinct()
+                .where(series.c.study_pk.in_(pks))
+            ):
+                if modality:
+                    mods.setdefault(pk, set()).add(modality)
+            classes: dict[int, set[str]] = {}
+            if "SOPClassesInStudy" in wanted:
+                for pk, cls in conn.execute(
+                    select(series.c.study_pk, instances.c.sop_class_uid).distinct()
+                    .select_from(instances.join(series)).where(series.c.study_pk.in_(pks))
+                ):
+                    classes.setdefault(pk, set()).add(cls)
+            for pk, row in by_pk.items():
+                row["ModalitiesInStudy"] = sorted(mods.get(pk, ()))
+                if "SOPClassesInStudy" in wanted:
+                    row["SOPClassesInStudy"] = sorted(classes.get(pk, ()))
+
+    def _count_children(self, conn: Connection, parent: Level, child: Level,
+                        pks: list[int]) -> dict[int, int]:
+        chain = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
+        start, end = chain.index(parent), chain.index(child)
+        joined: Any = _TABLE_OF_LEVEL[child]
+        for level in reversed(chain[start + 1 : end]):
+            joined = joined.join(_TABLE_OF_LEVEL[level])
+        first_below = _TABLE_OF_LEVEL[chain[start + 1]]
+        fk = {studies: studies.c.patient_pk, series: series.c.study_pk,
+              instances: instances.c.series_pk}[first_below]
+        stmt = (
+            select(fk, func.count()).select_from(joined).where(fk.in_(pks)).group_by(fk)
+        )
+        return {int(pk): int(n) for pk, n in conn.execute(stmt)}
+
+    def _representative_metadata(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Attach one instance's DICOM JSON per row, for return keys not kept as columns."""
+        pks = [r["_pk"] for r in rows]
+        if self.level is Level.IMAGE:
+            stmt = select(instances.c.pk, instances.c.metadata).where(instances.c.pk.in_(pks))
+        else:
+            owner = {Level.SERIES: series.c.pk, Level.STUDY: studies.c.pk,
+                     Level.PATIENT: patients.c.pk}[self.level]
+            first = (
+                select(owner.label("owner"), func.min(instances.c.pk).label("ipk"))
+                .select_from(instances.join(series).join(studies).join(patients))
+                .where(owner.in_(pks)).group_by(owner).subquery()
+            )
+            stmt = select(first.c.owner, instances.c.metadata).join(
+                instances, instances.c.pk == first.c.ipk
+            )
+        found = {int(pk): meta for pk, meta in conn.execute(stmt)}
+        for row in rows:
+            meta = found.get(row["_pk"])
+            row["_metadata"] = json.loads(meta) if meta else {}
+
+
+def bool_eq(col: Any, value: str) -> ColumnElement[bool]:
+    return col == value  # type: ignore[no-any-return]
+
+
+def _level_index(level: Level) -> int:
+    return [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE].index(level)
+
+
+def _hierarchy_keys(level: Level) -> list[str]:
+    keys = ["PatientID"]
+    if _level_index(level) >= 1:
+        keys.append("StudyInstanceUID")
+    if _level_index(level) >= 2:
+        keys.append("SeriesInstanceUID")
+    if _level_index(level) >= 3:
+        keys.append("SOPInstanceUID")
+    return keys

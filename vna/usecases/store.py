@@ -1,0 +1,250 @@
+"""The one store path for C-STORE and STOW-RS (design §2, invariants 1, 3, 4, 5).
+
+begin (frame + hash while streaming) -> validate -> store blob (write-once)
+-> claim + event in one transaction -> answer. Cleanup on every failure path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.errors import InvalidDicomError
+
+from vna import metrics
+from vna.dicom.part10 import CHUNK, NotPart10Error, file_meta_bytes, read_header
+from vna.dicom.uids import invalid_uid_reason
+from vna.events import InstanceStored
+from vna.model import BlobKey, InstanceClaim, InstanceRef
+from vna.ports import BlobStore, ClaimOutcome, ConflictError, ConflictKind, Index, Unavailable
+
+log = logging.getLogger("vna.store")
+
+
+class StoreFailure(Enum):
+    """Why an instance was not stored; each maps to a DIMSE status and an HTTP code."""
+
+    UNREADABLE = "unreadable"  # not DICOM, truncated, unparsable
+    INVALID = "invalid"  # required attribute missing or invalid (UIDs)
+    MISMATCH = "mismatch"  # data set disagrees with the request (SOP UID, study)
+    SOP_CONFLICT = "sop-conflict"
+    PATIENT_CONFLICT = "patient-conflict"
+    UNAVAILABLE = "unavailable"  # could not be made durable: retry later
+
+
+class StoreError(Exception):
+    def __init__(self, failure: StoreFailure, reason: str) -> None:
+        super().__init__(reason)
+        self.failure = failure
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Received:
+    """A data set as it arrived, in a local file the store path may consume."""
+
+    path: Path
+    dataset_offset: int | None = None
+    """Where the data set starts in ``path``; None when ``path`` is Part-10 framed."""
+    transfer_syntax_uid: str | None = None
+    """Required with ``dataset_offset`` (raw data set); else read from the File Meta."""
+    sop_class_uid: str | None = None
+    sop_instance_uid: str | None = None
+    """What the request announced (C-STORE command); checked against the data set."""
+    study_instance_uid: str | None = None
+    """STOW-RS to /studies/{study}: the data set must belong to it."""
+    source_ae: str = ""
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    ref: InstanceRef
+    sop_class_uid: str
+    blob_key: BlobKey
+    outcome: ClaimOutcome
+
+
+_HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "PatientID", "IssuerOfPatientID",
+]
+
+
+def store_instance(received: Received, *, blobs: BlobStore, index: Index,
+                   staging_dir: Path | None = None) -> StoreResult:
+    """Store one instance durably, or raise ``StoreError`` having stored nothing new."""
+    started = time.perf_counter()
+    framed: Path | None = None
+    try:
+        framed, blob_key, dataset_sha, size, ts = _frame(received, staging_dir)
+        claim = _validate(framed, received, blob_key, dataset_sha, size, ts)
+        existing = index.find_claim(claim.sop_instance_uid)
+        if existing is not None and existing.dataset_sha256 == dataset_sha:
+            metrics.INSTANCES_DUPLICATE.inc()
+            return _result(claim, ClaimOutcome.DUPLICATE)
+        if existing is not None:
+            raise ConflictError(ConflictKind.SOP_INSTANCE,
+                                "SOP Instance UID already stored with different content")
+        blobs.put_file(blob_key, framed)
+        framed = None if not _exists(framed) else framed
+        event = InstanceStored(
+            sop_instance_uid=claim.sop_instance_uid, sop_class_uid=claim.sop_class_uid,
+            study_instance_uid=claim.study_instance_uid,
+            series_instance_uid=claim.series_instance_uid,
+            transfer_syntax_uid=ts, blob_key=blob_key, size=size, source_ae=received.source_ae,
+        )
+        outcome = index.claim(claim, event)
+        if outcome is ClaimOutcome.NEW:
+            metrics.INSTANCES_STORED.inc()
+            metrics.BYTES_STORED.inc(size)
+            log.info("stored", extra={"sop_instance_uid": claim.sop_instance_uid,
+                                      "blob_key": blob_key, "size": size,
+                                      "source_ae": received.source_ae})
+        else:
+            metrics.INSTANCES_DUPLICATE.inc()
+        return _result(claim, outcome)
+    except ConflictError as exc:
+        failure = (StoreFailure.SOP_CONFLICT if exc.kind is ConflictKind.SOP_INSTANCE
+                   else StoreFailure.PATIENT_CONFLICT)
+        metrics.STORE_FAILURES.labels(failure.value).inc()
+        log.warning("refused: %s", exc.reason, extra={"source_ae": received.source_ae,
+                                                      "sop_instance_uid":
+                                                      received.sop_instance_uid or ""})
+        raise StoreError(failure, exc.reason) from exc
+    except Unavailable as exc:
+        metrics.STORE_FAILURES.labels(StoreFailure.UNAVAILABLE.value).inc()
+        log.error("store unavailable: %s", exc)
+        raise StoreError(StoreFailure.UNAVAILABLE, "archive storage unavailable, retry") from exc
+    except StoreError as exc:
+        metrics.STORE_FAILURES.labels(exc.failure.value).inc()
+        log.warning("refused: %s", exc.reason, extra={"source_ae": received.source_ae})
+        raise
+    finally:
+        if framed is not None:
+            _unlink(framed)
+        metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+
+
+def _result(claim: InstanceClaim, outcome: ClaimOutcome) -> StoreResult:
+    return StoreResult(
+        ref=InstanceRef(study_instance_uid=claim.study_instance_uid,
+                        series_instance_uid=claim.series_instance_uid,
+                        sop_instance_uid=claim.sop_instance_uid),
+        sop_class_uid=claim.sop_class_uid, blob_key=claim.blob_key, outcome=outcome,
+    )
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _frame(received: Received, staging_dir: Path | None) -> tuple[Path, BlobKey, str, int, str]:
+    """Copy the data set behind VNA's File Meta into a staging file, hashing as it goes."""
+    try:
+        src = open(received.path, "rb")
+    except OSError as exc:
+        raise StoreError(StoreFailure.UNREADABLE, "data set could not be read") from exc
+    with src:
+        if received.dataset_offset is None:
+            try:
+                header = read_header(src)
+            except NotPart10Error as exc:
+                raise StoreError(StoreFailure.UNREADABLE, str(exc)) from exc
+            ts = header.transfer_syntax_uid
+            sop_class = received.sop_class_uid or header.sop_class_uid
+            sop_uid = received.sop_instance_uid or header.sop_instance_uid
+            src.seek(header.dataset_offset)
+        else:
+            if not received.transfer_syntax_uid:
+                raise StoreError(StoreFailure.INVALID, "transfer syntax unknown")
+            ts = received.transfer_syntax_uid
+            sop_class = received.sop_class_uid or ""
+            sop_uid = received.sop_instance_uid or ""
+            src.seek(received.dataset_offset)
+        for name, value in (("Transfer Syntax UID", ts), ("SOP Class UID", sop_class),
+                            ("SOP Instance UID", sop_uid)):
+            reason = invalid_uid_reason(name, value)
+            if reason:
+                raise StoreError(StoreFailure.INVALID, reason)
+        meta = file_meta_bytes(ts, sop_class, sop_uid)
+        whole = hashlib.sha256(meta)
+        dataset = hashlib.sha256()
+        size = len(meta)
+        fd, name = tempfile.mkstemp(prefix="in-", suffix=".dcm", dir=staging_dir)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(meta)
+                while chunk := src.read(CHUNK):
+                    whole.update(chunk)
+                    dataset.update(chunk)
+                    out.write(chunk)
+                    size += len(chunk)
+        except BaseException:
+            _unlink(Path(name))
+            raise
+    if size == len(meta):
+        _unlink(Path(name))
+        raise StoreError(StoreFailure.UNREADABLE, "empty data set")
+    return Path(name), BlobKey(whole.hexdigest()), dataset.hexdigest(), size, ts
+
+
+def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: str,
+              size: int, ts: str) -> InstanceClaim:
+    try:
+        with open(framed, "rb") as fp:
+            # Defer large values: read every element header, never pixel data.
+            ds = pydicom.dcmread(fp, defer_size=1024)
+            for elem in ds._dict.values():
+                if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
+                    if elem.value_tell + elem.length > size:
+                        raise StoreError(StoreFailure.UNREADABLE,
+                                         "data set is truncated")
+    except StoreError:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError,
+            NotImplementedError, OverflowError) as exc:
+        raise StoreError(StoreFailure.UNREADABLE, f"data set cannot be parsed ({type(exc).__name__})"
+                         ) from exc
+    values: dict[str, str] = {}
+    for keyword in _HEADER_TAGS:
+        try:
+            value = ds.get(keyword, "")
+        except Exception as exc:  # noqa: BLE001 - a broken element is an unreadable data set
+            raise StoreError(StoreFailure.UNREADABLE, f"{keyword} cannot be decoded") from exc
+        values[keyword] = "" if value is None else str(value)
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        reason = invalid_uid_reason(keyword, values[keyword])
+        if reason:
+            raise StoreError(StoreFailure.INVALID, reason)
+    if received.sop_instance_uid and values["SOPInstanceUID"] != received.sop_instance_uid:
+        raise StoreError(StoreFailure.MISMATCH,
+                         "SOPInstanceUID differs from the Affected SOP Instance UID")
+    if received.sop_class_uid and values["SOPClassUID"] != received.sop_class_uid:
+        raise StoreError(StoreFailure.MISMATCH,
+                         "SOPClassUID differs from the Affected SOP Class UID")
+    if received.study_instance_uid and values["StudyInstanceUID"] != received.study_instance_uid:
+        raise StoreError(StoreFailure.MISMATCH, "instance belongs to another study")
+    if len(values["PatientID"]) > 64:
+        raise StoreError(StoreFailure.INVALID, "PatientID longer than 64 characters")
+    return InstanceClaim(
+        sop_instance_uid=values["SOPInstanceUID"], sop_class_uid=values["SOPClassUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"], patient_id=values["PatientID"],
+        issuer_of_patient_id=values["IssuerOfPatientID"], transfer_syntax_uid=ts,
+        blob_key=blob_key, dataset_sha256=dataset_sha, size=size,
+    )
