@@ -158,7 +158,67 @@ def cmd_reindex(settings: Settings) -> int:
     return 0 if report.failed == 0 else 1
 
 
+def cmd_up(settings: Settings) -> int:
+    """The distributed world on one machine: ingest, index and dicomweb as processes.
+
+    A small supervisor: a child that dies is started again (as Kubernetes would),
+    so killing any one of them loses nothing and the archive comes back.
+    """
+    import os
+    import subprocess
+    import time
+
+    from vna.adapters.index.sqlalchemy import ensure_database
+
+    env = dict(os.environ)
+    rclone = None
+    if not settings.storage_url:
+        from vna.testing.s3server import start_rclone_s3
+
+        root = settings.data_dir.resolve() / "s3"
+        root.mkdir(parents=True, exist_ok=True)
+        url, access, secret, rclone = start_rclone_s3(root, None)
+        env.update(VNA_STORAGE_URL=f"s3://vna?endpoint={url}", VNA_S3_ACCESS_KEY=access,
+                   VNA_S3_SECRET_KEY=secret)
+        print(f"S3 (rclone serve s3) on {url}", flush=True)
+    ensure_database(settings.db_url())
+    build(Settings(**{**settings.model_dump(), "storage_url": env.get("VNA_STORAGE_URL", ""),
+                      "s3_access_key": env.get("VNA_S3_ACCESS_KEY", settings.s3_access_key),
+                      "s3_secret_key": env.get("VNA_S3_SECRET_KEY", settings.s3_secret_key)})
+          ).close()  # migrations and bucket, once, before the children race for them
+    stop = _wait_for_signal()
+    commands = {name: [sys.executable, "-m", "vna", name]
+                for name in ("ingest", "index", "dicomweb")}
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    for name, argv in commands.items():
+        children[name] = subprocess.Popen(argv, env=env)
+    (settings.data_dir / "up.pids").write_text(
+        "".join(f"{n} {p.pid}\n" for n, p in children.items()))
+    print("VNA up: " + ", ".join(f"{n} pid {p.pid}" for n, p in children.items()), flush=True)
+    while not stop.wait(0.5):
+        for name, proc in list(children.items()):
+            if proc.poll() is not None:
+                log.warning("child exited; restarting", extra={"service": name,
+                                                               "code": proc.returncode})
+                children[name] = subprocess.Popen(commands[name], env=env)
+                (settings.data_dir / "up.pids").write_text(
+                    "".join(f"{n} {p.pid}\n" for n, p in children.items()))
+    for proc in children.values():
+        proc.terminate()
+    deadline = time.monotonic() + 15
+    for proc in children.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if rclone is not None:
+        rclone.terminate()
+        rclone.wait(timeout=10)
+    return 0
+
+
 COMMANDS = {
+    "up": cmd_up,
     "run": cmd_run,
     "ingest": cmd_ingest,
     "index": cmd_index,

@@ -110,6 +110,10 @@ class Index(Protocol):
 
     def find_claim(self, sop_instance_uid: str) -> InstanceClaim | None: ...
 
+    def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
+        """(Patient ID, Issuer) the study is bound to, or None for a new study."""
+        ...
+
     def claims(self) -> Iterator[InstanceClaim]: ...
 
     # ---- outbox relay

@@ -93,6 +93,12 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
         if existing is not None:
             raise ConflictError(ConflictKind.SOP_INSTANCE,
                                 "SOP Instance UID already stored with different content")
+        owner = index.patient_of_study(claim.study_instance_uid)
+        if owner is not None and owner != (claim.patient_id, claim.issuer_of_patient_id):
+            raise ConflictError(ConflictKind.PATIENT,
+                                "Study Instance UID belongs to another Patient ID")
+        # Checked again atomically by index.claim(); these early checks only spare
+        # the blob store a write for an instance that will be refused.
         blobs.put_file(blob_key, framed)
         framed = None if not _exists(framed) else framed
         event = InstanceStored(

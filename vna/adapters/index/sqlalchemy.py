@@ -119,6 +119,25 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
+def ensure_database(url: str) -> None:
+    """Create the PostgreSQL database ``url`` names when it does not exist yet."""
+    url = _normalise_url(url)
+    if not url.startswith("postgresql"):
+        return
+    from sqlalchemy.engine import make_url
+
+    target = make_url(url)
+    admin = create_engine(target.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            found = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                                 {"n": target.database}).first()
+            if not found:
+                conn.execute(text(f'CREATE DATABASE "{target.database}"'))
+    finally:
+        admin.dispose()
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest revision (Alembic), safely from many processes."""
     cfg = Config()
@@ -233,6 +252,14 @@ class SqlIndex:
         data = dict(row._mapping)
         data.pop("claimed_at", None)
         return InstanceClaim.model_validate(data)
+
+    def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(study_patients.c.patient_id, study_patients.c.issuer_of_patient_id)
+                .where(study_patients.c.study_instance_uid == study_instance_uid)
+            ).first()
+        return (row.patient_id, row.issuer_of_patient_id) if row else None
 
     def claims(self) -> Iterator[InstanceClaim]:
         with self.engine.connect() as conn:

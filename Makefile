@@ -1,0 +1,48 @@
+# VNA: the two commands a new machine needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Distributed world (make up): the machine's services unless told otherwise.
+VNA_INDEX_URL ?= postgresql://postgres@127.0.0.1:5432/vna
+VNA_BUS_URL   ?= amqp://guest:guest@127.0.0.1:5672/
+VNA_REDIS_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: install run up test test-unit lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+## Start the archive on embedded defaults: DIMSE VNA@127.0.0.1:11112, HTTP 127.0.0.1:8080
+run: install
+	$(BIN)/vna run
+
+## Start ingest, index and dicomweb as separate processes on PostgreSQL, RabbitMQ, Redis, S3
+up: install
+	VNA_INDEX_URL=$(VNA_INDEX_URL) VNA_BUS_URL=$(VNA_BUS_URL) VNA_REDIS_URL=$(VNA_REDIS_URL) \
+	  $(BIN)/vna up
+
+## Unit, contract, integration and end-to-end tests (needs dcmtk and the backends; see README)
+test: install
+	@command -v storescu >/dev/null || { echo "dcmtk is missing: apt-get install -y dcmtk"; \
+	  [ -n "$$VNA_TEST_ALLOW_SKIP" ] || exit 1; }
+	$(BIN)/python -m pytest -q -rs tests
+
+test-unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: install
+	$(BIN)/ruff check vna services tests bench
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python -m bench.ingest
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
