@@ -64,7 +64,12 @@ def cmd_run(settings: Settings) -> int:
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
     registrars = _registrars()
-    dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars)
+    workers = _ingest_workers(settings)
+    dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars,
+                        shared_port=workers > 1)
+    # More ingest processes on the same port (SO_REUSEPORT): the kernel spreads
+    # associations over them, so receiving is not bound to one core's GIL.
+    extra = [_spawn_worker() for _ in range(workers - 1)]
     http, http_thread = _serve_http(deps, stop)
     log.info("VNA running", extra={"ae_title": settings.ae_title, "dimse_port":
                                    settings.dimse_port, "http_port": settings.http_port,
@@ -73,10 +78,39 @@ def cmd_run(settings: Settings) -> int:
           f"HTTP http://{settings.bind}:{settings.http_port}/dicomweb", flush=True)
     stop.wait()
     print("VNA stopping", flush=True)
+    for proc in extra:
+        proc.terminate()
+    for proc in extra:
+        proc.wait(timeout=15)
     dimse.shutdown()
     http.should_exit = True
     http_thread.join(timeout=10)
     relay.stop()
+    deps.close()
+    return 0
+
+
+def _ingest_workers(settings: Settings) -> int:
+    import os
+
+    return settings.ingest_workers if settings.ingest_workers > 0 else (os.cpu_count() or 1)
+
+
+def _spawn_worker() -> Any:
+    import subprocess
+
+    return subprocess.Popen([sys.executable, "-m", "vna", "ingest-worker"])
+
+
+def cmd_ingest_worker(settings: Settings) -> int:
+    """An extra DIMSE process of ``vna run``: stores only; the main process relays."""
+    from services.ingest.scp import start_dimse
+
+    deps = build(settings)
+    stop = _wait_for_signal()
+    dimse = start_dimse(deps, registrars=_registrars(), shared_port=True)
+    stop.wait()
+    dimse.shutdown()
     deps.close()
     return 0
 
@@ -221,6 +255,7 @@ COMMANDS = {
     "up": cmd_up,
     "run": cmd_run,
     "ingest": cmd_ingest,
+    "ingest-worker": cmd_ingest_worker,
     "index": cmd_index,
     "dicomweb": cmd_dicomweb,
     "reindex": cmd_reindex,
