@@ -116,6 +116,16 @@ class Index(Protocol):
 
     def claims(self) -> Iterator[InstanceClaim]: ...
 
+    # ---- audit trail (design invariant 8)
+    def record_audit(self, action: str, outcome: str, *, actor: str = "", subject: str = "",
+                     detail: str = "") -> str:
+        """Append a record chained to the previous one by SHA-256; returns its hash."""
+        ...
+
+    def verify_audit(self) -> bool: ...
+
+    def audit_records(self, action: str | None = None) -> list[dict[str, Any]]: ...
+
     # ---- outbox relay
     def relay_outbox(
         self, publish: Callable[[list[tuple[str, bytes]]], None], limit: int = 200

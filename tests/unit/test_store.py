@@ -180,3 +180,20 @@ def test_reindex_from_blobs_alone_gives_the_same_answers(fs_core: Core, tmp_path
     assert search(query, index=fresh) == before
     assert before[0]["00201208"]["Value"] == [6]
     fresh.close()
+
+
+def test_refusals_leave_a_tamper_evident_audit_record(core: Core, tmp_path: Path) -> None:
+    first = ct_instance(patient_id="P1")
+    _store(core, _file(tmp_path, first))
+    with pytest.raises(StoreError):
+        _store(core, _file(tmp_path, ct_instance(patient_id="P2",
+                                                 study_uid=first.StudyInstanceUID)))
+    records = core.index.audit_records("store")
+    assert [r["outcome"] for r in records] == ["patient-conflict"]
+    assert first.StudyInstanceUID in records[0]["detail"]
+    assert core.index.verify_audit()
+    with core.index.engine.begin() as conn:  # someone edits the trail behind our back
+        from sqlalchemy import text
+
+        conn.execute(text("UPDATE audit SET detail = 'nothing to see'"))
+    assert not core.index.verify_audit()

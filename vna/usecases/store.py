@@ -7,6 +7,7 @@ begin (frame + hash while streaming) -> validate -> store blob (write-once)
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -83,6 +84,7 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
     """Store one instance durably, or raise ``StoreError`` having stored nothing new."""
     started = time.perf_counter()
     framed: Path | None = None
+    claim: InstanceClaim | None = None
     try:
         framed, blob_key, dataset_sha, size, ts = _frame(received, staging_dir)
         claim = _validate(framed, received, blob_key, dataset_sha, size, ts)
@@ -124,6 +126,7 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
         log.warning("refused: %s", exc.reason, extra={"source_ae": received.source_ae,
                                                       "sop_instance_uid":
                                                       received.sop_instance_uid or ""})
+        _audit_refusal(index, failure, exc.reason, received, claim)
         raise StoreError(failure, exc.reason) from exc
     except Unavailable as exc:
         metrics.STORE_FAILURES.labels(StoreFailure.UNAVAILABLE.value).inc()
@@ -137,6 +140,21 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
         if framed is not None:
             _unlink(framed)
         metrics.STORE_SECONDS.observe(time.perf_counter() - started)
+
+
+def _audit_refusal(index: Index, failure: StoreFailure, reason: str, received: Received,
+                   claim: InstanceClaim | None) -> None:
+    """Conflicts are refused and recorded for a person to look at (invariant 5)."""
+    try:
+        index.record_audit(
+            "store", failure.value, actor=received.source_ae,
+            subject=claim.sop_instance_uid if claim else (received.sop_instance_uid or ""),
+            detail=json.dumps({"reason": reason,
+                               "study_instance_uid": claim.study_instance_uid if claim else "",
+                               "blob_key": claim.blob_key if claim else ""}),
+        )
+    except Exception:  # noqa: BLE001 - the refusal stands even if the audit write fails
+        log.exception("audit record could not be written")
 
 
 def _result(claim: InstanceClaim, outcome: ClaimOutcome) -> StoreResult:

@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
 from vna.adapters.index.schema import (
+    audit,
     claims,
     column_name,
     instances,
@@ -252,6 +253,46 @@ class SqlIndex:
         data = dict(row._mapping)
         data.pop("claimed_at", None)
         return InstanceClaim.model_validate(data)
+
+    def record_audit(self, action: str, outcome: str, *, actor: str = "", subject: str = "",
+                     detail: str = "") -> str:
+        """Append to the audit trail; each record hashes its predecessor (tamper-evident)."""
+        import hashlib
+
+        at = _now()
+        with self._write() as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(74212)"))
+            prev = conn.execute(select(audit.c.hash).order_by(audit.c.id.desc()).limit(1)
+                                ).scalar() or ""
+            body = json.dumps([prev, at.isoformat(), action, outcome, actor, subject, detail])
+            digest = hashlib.sha256(body.encode()).hexdigest()
+            conn.execute(audit.insert().values(at=at, action=action, outcome=outcome,
+                                               actor=actor, subject=subject, detail=detail,
+                                               prev_hash=prev, hash=digest))
+        return digest
+
+    def verify_audit(self) -> bool:
+        """True when every audit record's hash still matches its content and chain."""
+        import hashlib
+
+        prev = ""
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(audit).order_by(audit.c.id)):
+                at = row.at if row.at.tzinfo else row.at.replace(tzinfo=UTC)
+                body = json.dumps([prev, at.isoformat(), row.action, row.outcome, row.actor,
+                                   row.subject, row.detail])
+                if row.prev_hash != prev or hashlib.sha256(body.encode()).hexdigest() != row.hash:
+                    return False
+                prev = row.hash
+        return True
+
+    def audit_records(self, action: str | None = None) -> list[dict[str, Any]]:
+        stmt = select(audit).order_by(audit.c.id)
+        if action:
+            stmt = stmt.where(audit.c.action == action)
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(stmt)]
 
     def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:
         with self.engine.connect() as conn:
