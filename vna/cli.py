@@ -7,11 +7,11 @@ import logging
 import signal
 import sys
 import threading
-from functools import partial
 from typing import Any
 
 from vna.bootstrap import Deps, build
 from vna.config import Settings
+from vna.events import Event
 from vna.logging import configure
 
 log = logging.getLogger("vna")
@@ -22,8 +22,10 @@ INDEX_QUEUE = "vna.index"
 def subscribe_indexer(deps: Deps) -> None:
     from vna.usecases.index import index_instance
 
-    deps.bus.subscribe(INDEX_QUEUE, ["instance.stored"],
-                       partial(index_instance, blobs=deps.blobs, index=deps.index))
+    def handle(event: Event) -> None:
+        index_instance(event, blobs=deps.blobs, index=deps.index)
+
+    deps.bus.subscribe(INDEX_QUEUE, ["instance.stored"], handle)
 
 
 def _serve_http(deps: Deps, stop: threading.Event) -> Any:
@@ -34,8 +36,8 @@ def _serve_http(deps: Deps, stop: threading.Event) -> Any:
     config = uvicorn.Config(create_app(deps), host=deps.settings.bind,
                             port=deps.settings.http_port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
-    # Signals are handled here, not by uvicorn, so that every part stops together.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    # uvicorn leaves signals alone outside the main thread: we handle them, so that
+    # every part stops together.
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
     return server, thread

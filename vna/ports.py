@@ -108,6 +108,10 @@ class Index(Protocol):
         """
         ...
 
+    def check_claim(self, claim: InstanceClaim) -> ClaimOutcome:
+        """What ``claim`` would do now, without recording it (raises ConflictError)."""
+        ...
+
     def find_claim(self, sop_instance_uid: str) -> InstanceClaim | None: ...
 
     def patient_of_study(self, study_instance_uid: str) -> tuple[str, str] | None:

@@ -12,16 +12,17 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import (
-    ALL_TRANSFER_SYNTAXES,
     AE,
+    ALL_TRANSFER_SYNTAXES,
     AllStoragePresentationContexts,
     _config,
     evt,
 )
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
@@ -55,11 +56,11 @@ class IngestServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
         return sock, addr
 
     def server_bind(self) -> None:
-        if self.allow_reuse_port:
+        if self.allow_reuse_port and self.socket is not None:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
@@ -75,7 +76,7 @@ def handle_echo(event: evt.Event) -> int:
 def handle_store(event: evt.Event, *, deps: Deps, on_stored: Callable[[], None] | None = None
                  ) -> Dataset | int:
     """C-STORE: hand the received bytes, as received, to ``store_instance``."""
-    req = event.request
+    req = cast(C_STORE, event.request)
     received = Received(
         path=Path(event.dataset_path),
         sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
@@ -112,7 +113,7 @@ def build_ae(deps: Deps) -> AE:
     ae.maximum_associations = 64
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cast(str, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
     return ae
 
 
@@ -130,9 +131,9 @@ def start_dimse(deps: Deps, *, on_stored: Callable[[], None] | None = None,
     ]
     for register in registrars or []:
         register(ae, handlers, deps)
-    server: AssociationServer = ae.make_server(
+    server = ae.make_server(
         (deps.settings.bind, deps.settings.dimse_port),
-        evt_handlers=handlers,
+        evt_handlers=cast(Any, handlers),
         server_class=SharedPortServer if shared_port else IngestServer,
     )
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)

@@ -80,7 +80,9 @@ def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
     return out
 
 
-def extract_record(ds: Dataset, *, blob_key: str, size: int, transfer_syntax_uid: str) -> IndexRecord:
+def extract_record(
+    ds: Dataset, *, blob_key: str, size: int, transfer_syntax_uid: str
+) -> IndexRecord:
     """The index's view of one instance."""
     study = _text(ds, "StudyInstanceUID")
     series = _text(ds, "SeriesInstanceUID")

@@ -312,9 +312,8 @@ def build_query(
         attr = ATTRIBUTES.get(keyword)
         returned.append(keyword)
         if attr is None or (attr.computed and keyword != "ModalitiesInStudy"):
-            if raw.strip() and raw.strip() != "*":
-                if strict:
-                    raise QueryError(f"{keyword}: not a matching key at the {level} level")
+            if raw.strip() and raw.strip() != "*" and strict:
+                raise QueryError(f"{keyword}: not a matching key at the {level} level")
             continue
         if LEVEL_ORDER.index(attr.level) > LEVEL_ORDER.index(level):
             if raw.strip() and strict:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def ct_instance(
@@ -32,9 +32,9 @@ def ct_instance(
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    ds.SOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid or generate_uid())
+    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    ds.SOPClassUID = UID(CTImageStorage)
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
     ds.PatientName = patient_name
     ds.PatientID = patient_id

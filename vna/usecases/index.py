@@ -46,7 +46,7 @@ def _read_record(key: BlobKey, blobs: BlobStore, ts: str, size: int):  # type: i
         with blobs.open(key) as src:
             shutil.copyfileobj(src, tmp, 1 << 20)
         tmp.seek(0)
-        ds = read_dataset(tmp)  # type: ignore[arg-type]
+        ds = read_dataset(tmp)
         return extract_record(ds, blob_key=key, size=size, transfer_syntax_uid=ts)
 
 
@@ -63,6 +63,6 @@ def read_blob_record(key: BlobKey, blobs: BlobStore):  # type: ignore[no-untyped
         with blobs.open(key) as src:
             shutil.copyfileobj(src, tmp, 1 << 20)
         tmp.seek(0)
-        ds = read_dataset(tmp)  # type: ignore[arg-type]
+        ds = read_dataset(tmp)
         ts = str(ds.file_meta.TransferSyntaxUID)
         return ds, extract_record(ds, blob_key=key, size=size, transfer_syntax_uid=ts)

@@ -57,7 +57,7 @@ def reindex(*, blobs: BlobStore, index: Index) -> ReindexReport:
                 log.warning("reindex: %s", exc.reason, extra={"blob_key": key})
             if index.upsert_instance(record):
                 report.indexed += 1
-        except Exception:  # noqa: BLE001 - one unreadable blob must not stop the rebuild
+        except Exception:
             report.failed += 1
             log.exception("reindex: blob unreadable", extra={"blob_key": key})
     return report

@@ -47,7 +47,7 @@ class OutboxRelay:
                 log.warning("relay waiting for the bus: %s", exc)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
-            except Exception:  # noqa: BLE001 - the relay must outlive any one bad batch
+            except Exception:
                 self.failures += 1
                 log.exception("relay failed; retrying")
                 self._stop.wait(backoff)

@@ -6,6 +6,7 @@ begin (frame + hash while streaming) -> validate -> store blob (write-once)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -88,19 +89,11 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
     try:
         framed, blob_key, dataset_sha, size, ts = _frame(received, staging_dir)
         claim = _validate(framed, received, blob_key, dataset_sha, size, ts)
-        existing = index.find_claim(claim.sop_instance_uid)
-        if existing is not None and existing.dataset_sha256 == dataset_sha:
+        # index.claim() decides atomically; checking first spares the blob store a
+        # write for an instance that is a duplicate or will be refused.
+        if index.check_claim(claim) is ClaimOutcome.DUPLICATE:
             metrics.INSTANCES_DUPLICATE.inc()
             return _result(claim, ClaimOutcome.DUPLICATE)
-        if existing is not None:
-            raise ConflictError(ConflictKind.SOP_INSTANCE,
-                                "SOP Instance UID already stored with different content")
-        owner = index.patient_of_study(claim.study_instance_uid)
-        if owner is not None and owner != (claim.patient_id, claim.issuer_of_patient_id):
-            raise ConflictError(ConflictKind.PATIENT,
-                                "Study Instance UID belongs to another Patient ID")
-        # Checked again atomically by index.claim(); these early checks only spare
-        # the blob store a write for an instance that will be refused.
         blobs.put_file(blob_key, framed)
         framed = None if not _exists(framed) else framed
         event = InstanceStored(
@@ -153,7 +146,7 @@ def _audit_refusal(index: Index, failure: StoreFailure, reason: str, received: R
                                "study_instance_uid": claim.study_instance_uid if claim else "",
                                "blob_key": claim.blob_key if claim else ""}),
         )
-    except Exception:  # noqa: BLE001 - the refusal stands even if the audit write fails
+    except Exception:
         log.exception("audit record could not be written")
 
 
@@ -171,10 +164,8 @@ def _exists(path: Path) -> bool:
 
 
 def _unlink(path: Path) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.unlink(path)
-    except OSError:
-        pass
 
 
 def _frame(received: Received, staging_dir: Path | None) -> tuple[Path, BlobKey, str, int, str]:
@@ -234,21 +225,20 @@ def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: 
             # Defer large values: read every element header, never pixel data.
             ds = pydicom.dcmread(fp, defer_size=1024)
             for elem in ds._dict.values():
-                if isinstance(elem, RawDataElement) and elem.value is None and elem.length:
-                    if elem.value_tell + elem.length > size:
-                        raise StoreError(StoreFailure.UNREADABLE,
-                                         "data set is truncated")
+                if (isinstance(elem, RawDataElement) and elem.value is None and elem.length
+                        and elem.value_tell + elem.length > size):
+                    raise StoreError(StoreFailure.UNREADABLE, "data set is truncated")
     except StoreError:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError,
             NotImplementedError, OverflowError) as exc:
-        raise StoreError(StoreFailure.UNREADABLE, f"data set cannot be parsed ({type(exc).__name__})"
-                         ) from exc
+        raise StoreError(StoreFailure.UNREADABLE,
+                         f"data set cannot be parsed ({type(exc).__name__})") from exc
     values: dict[str, str] = {}
     for keyword in _HEADER_TAGS:
         try:
             value = ds.get(keyword, "")
-        except Exception as exc:  # noqa: BLE001 - a broken element is an unreadable data set
+        except Exception as exc:
             raise StoreError(StoreFailure.UNREADABLE, f"{keyword} cannot be decoded") from exc
         values[keyword] = "" if value is None else str(value)
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):

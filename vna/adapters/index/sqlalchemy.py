@@ -28,6 +28,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -204,16 +205,15 @@ class SqlIndex:
         except _SAError as exc:
             raise Unavailable(f"index database: {exc}") from exc
 
-    def _claim(self, conn: Connection, claim: InstanceClaim, check_only: bool = False
-               ) -> ClaimOutcome:
+    def _check(self, conn: Connection, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
+        """(NEW or DUPLICATE, whether the study is new); ConflictError on a conflict."""
         existing = conn.execute(
-            select(claims.c.dataset_sha256, claims.c.study_instance_uid).where(
-                claims.c.sop_instance_uid == claim.sop_instance_uid
-            )
+            select(claims.c.dataset_sha256).where(
+                claims.c.sop_instance_uid == claim.sop_instance_uid)
         ).first()
         if existing is not None:
             if existing.dataset_sha256 == claim.dataset_sha256:
-                return ClaimOutcome.DUPLICATE
+                return ClaimOutcome.DUPLICATE, False
             raise ConflictError(
                 ConflictKind.SOP_INSTANCE,
                 "SOP Instance UID already stored with different content",
@@ -230,9 +230,23 @@ class SqlIndex:
             raise ConflictError(
                 ConflictKind.PATIENT, "Study Instance UID belongs to another Patient ID"
             )
+        return ClaimOutcome.NEW, owner is None
+
+    def check_claim(self, claim: InstanceClaim) -> ClaimOutcome:
+        try:
+            with self.engine.connect() as conn:
+                return self._check(conn, claim)[0]
+        except _SAError as exc:
+            raise Unavailable(f"index database: {exc}") from exc
+
+    def _claim(self, conn: Connection, claim: InstanceClaim, check_only: bool = False
+               ) -> ClaimOutcome:
+        outcome, new_study = self._check(conn, claim)
+        if outcome is ClaimOutcome.DUPLICATE:
+            return outcome
         if check_only:
             raise Unavailable("claim raced with a concurrent writer; retry")
-        if owner is None:
+        if new_study:
             conn.execute(
                 study_patients.insert().values(
                     study_instance_uid=claim.study_instance_uid,
@@ -514,7 +528,8 @@ class _WriteTx:
             self._conn.info["write"] = True
             self._ctx = self._conn.begin()
             self._ctx.__enter__()
-            return self._conn
+            conn: Connection = self._conn
+            return conn
         except BaseException:
             if self.index.dialect == "sqlite":
                 self.index._sqlite_write.release()
@@ -582,7 +597,7 @@ class _Search:
             return exists().where(and_(series.c.study_pk == studies.c.pk, cond))
         attr = ATTRIBUTES[m.keyword]
         folded = attr.vr in ("PN", "TM")
-        col = self._column(m.keyword, norm=folded)
+        col: ColumnElement[str] = self._column(m.keyword, norm=folded)
         if m.kind is MatchKind.SINGLE:
             return bool_eq(col, m.values[0])
         if m.kind is MatchKind.LIST:
@@ -605,7 +620,7 @@ class _Search:
                 conds.append(or_(col.like(like, escape="\\"),
                                  col.like("%^" + like, escape="\\"),
                                  col.like("% " + like, escape="\\")))
-            return and_(*conds) if conds else col == col
+            return and_(*conds) if conds else true()
         return col.like(wildcard_to_like(pattern), escape="\\")
 
     def _from(self) -> Any:
@@ -718,7 +733,8 @@ class _Search:
 
 
 def bool_eq(col: Any, value: str) -> ColumnElement[bool]:
-    return col == value  # type: ignore[no-any-return]
+    cond: ColumnElement[bool] = col == value
+    return cond
 
 
 def _level_index(level: Level) -> int:
