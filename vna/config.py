@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     ae_title: str = "VNA"
     dimse_port: int = 11112
     http_port: int = 8080
+    hl7_port: int = 2575
+    """HL7 v2 over MLLP (orders and ADT from the RIS); 0 turns the listener off."""
     bind: str = "127.0.0.1"
     peers: str = Field(
         default="",
