@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     """``sqlite:///path`` (default: ``$DATA_DIR/index.sqlite``) or ``postgresql://...``."""
     bus_url: str = "local://"
     """``local://`` (in-process) or ``amqp://user:pass@host:port/vhost``."""
+    bus_namespace: str = "vna"
+    """Exchange name and queue prefix on RabbitMQ: lets several archives share a broker."""
     redis_url: str = ""
     """Optional: ``redis://host:port/db``; in-process cache and locks when empty."""
 

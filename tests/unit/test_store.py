@@ -197,3 +197,20 @@ def test_refusals_leave_a_tamper_evident_audit_record(core: Core, tmp_path: Path
 
         conn.execute(text("UPDATE audit SET detail = 'nothing to see'"))
     assert not core.index.verify_audit()
+
+
+def test_truncated_encapsulated_pixel_data_is_refused(core: Core, tmp_path: Path) -> None:
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEG2000Lossless
+
+    ds = ct_instance(rows=32, columns=32, transfer_syntax=JPEG2000Lossless)
+    ds.PixelData = encapsulate([bytes(range(256)) * 7])
+    ds["PixelData"].VR = "OB"
+    whole = _file(tmp_path, ds, "whole.dcm")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(whole.read_bytes()[:-900])
+    with pytest.raises(StoreError) as err:
+        _store(core, cut)
+    assert err.value.failure is StoreFailure.UNREADABLE
+    assert "truncated" in err.value.reason
+    assert _store(core, whole) is ClaimOutcome.NEW

@@ -13,6 +13,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -223,10 +224,16 @@ def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: 
     try:
         with open(framed, "rb") as fp:
             # Defer large values: read every element header, never pixel data.
-            ds = pydicom.dcmread(fp, defer_size=1024)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = pydicom.dcmread(fp, defer_size=1024)
+            if any("End of file" in str(w.message) for w in caught):
+                raise StoreError(StoreFailure.UNREADABLE, "data set is truncated")
             for elem in ds._dict.values():
+                # Undefined length (encapsulated pixel data) was read through to
+                # its delimiter by the parser; a defined length must fit the file.
                 if (isinstance(elem, RawDataElement) and elem.value is None and elem.length
-                        and elem.value_tell + elem.length > size):
+                        and elem.length != 0xFFFFFFFF and elem.value_tell + elem.length > size):
                     raise StoreError(StoreFailure.UNREADABLE, "data set is truncated")
     except StoreError:
         raise
