@@ -1,0 +1,543 @@
+"""Ingest benchmark: dcmtk ``storescu`` into VNA, Orthanc and ``storescp --ignore``.
+
+Figures, not assertions (DESIGN.md §6). One run measures every target on the same
+files, one association and four in parallel, each into a fresh server:
+
+    .venv/bin/python -m bench.ingest [--count 1000] [--quick] [--profile 300]
+
+``--profile N`` instead runs ``vna run`` under cProfile (all threads) for N instances
+over one association and prints where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pstats
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+OUT_DIR = BENCH_DIR / "out"
+LOOPBACK = "127.0.0.1"
+PARALLEL = 4
+ROWS = COLUMNS = 512
+
+# Debian's dcmtk (and Orthanc) leave Nagle's algorithm on unless told: ~40-50 ms a
+# message on loopback, which would measure the kernel's timer instead of the servers.
+NODELAY_ENV = {"TCP_NODELAY": "1"}
+
+
+# ---------------------------------------------------------------- processes ---------
+
+_live: list[subprocess.Popen[bytes]] = []
+
+
+def spawn(argv: list[str], *, env: dict[str, str] | None = None, log: Path,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start a server in its own process group, so it and its children stop together."""
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=out,
+                                stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)
+    _live.append(proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    """SIGTERM the process group we created; SIGKILL it if it does not go in time."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    # A child may outlive its parent in the group (e.g. storescp --fork).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc in _live:
+        _live.remove(proc)
+
+
+def stop_all() -> None:
+    for proc in list(_live):
+        stop(proc)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.1,
+               proc: subprocess.Popen[bytes] | None = None, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        if check():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+def echo_ok(aet: str, port: int) -> bool:
+    r = subprocess.run(["echoscu", "-to", "2", "-aec", aet, LOOPBACK, str(port)],
+                       env={**os.environ, **NODELAY_ENV}, capture_output=True, timeout=10)
+    return r.returncode == 0
+
+
+def http_get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # only loopback URLs are built
+        body: bytes = resp.read()
+        return body
+
+
+# ---------------------------------------------------------------- memory ------------
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakRss:
+    """Polls VmHWM over a process tree; the figure is the sum of each process's peak.
+
+    Each process's own high-water mark is kept even after it exits (forked storescp
+    children, Orthanc threads are in-process), so the sum bounds the tree's peak.
+    """
+
+    def __init__(self, root: int, interval: float = 0.2) -> None:
+        self.root = root
+        self.interval = interval
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-poll", daemon=True)
+
+    def _sample(self) -> None:
+        todo, seen = [self.root], set[int]()
+        while todo and len(seen) < 10_000:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            hwm = _vm_hwm_kib(pid)
+            if hwm:
+                self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
+            todo += _children(pid)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> PeakRss:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._sample()
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    @property
+    def mib(self) -> float:
+        return sum(self.peaks.values()) / 1024
+
+
+# ---------------------------------------------------------------- data --------------
+
+def generate(count: int) -> list[Path]:
+    """``count`` CT instances of 512x512x16 bit (one series), cached under bench/out/."""
+    from vna.testing.synthetic import write_ct_series
+
+    cache = OUT_DIR / f"ct{ROWS}-{count}"
+    done = cache / ".complete"
+    if done.exists():
+        files = sorted(cache.glob("*.dcm"))
+        if len(files) == count:
+            return files
+    shutil.rmtree(cache, ignore_errors=True)
+    print(f"generating {count} CT instances ({ROWS}x{COLUMNS}) in {cache} ...", flush=True)
+    files = write_ct_series(cache, count, rows=ROWS, columns=COLUMNS,
+                            patient_id="BENCH001", patient_name="BENCH^CT")
+    done.write_text(str(count))
+    return files
+
+
+def study_uid_of(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+
+
+def split(files: list[Path], parts: int) -> list[list[Path]]:
+    return [files[i::parts] for i in range(parts)]
+
+
+# ---------------------------------------------------------------- sending -----------
+
+@dataclass
+class SendResult:
+    seconds: float
+    failed_processes: int
+    stderr_tail: str = ""
+
+
+def send(files: list[Path], aet: str, port: int, parallel: int, workdir: Path) -> SendResult:
+    """storescu over ``parallel`` associations; time from the first start to the last exit."""
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    env = {**os.environ, **NODELAY_ENV}
+    started = time.perf_counter()
+    try:
+        for i, part in enumerate(split(files, parallel)):
+            err = workdir / f"storescu-{parallel}-{i}.log"
+            with err.open("wb") as out:
+                # Files on the command line (not +sd): each process gets its exact share.
+                argv = ["storescu", "-aet", "BENCH", "-aec", aet, LOOPBACK, str(port),
+                        *map(str, part)]
+                procs.append((subprocess.Popen(argv, env=env, stdout=out,
+                                               stderr=subprocess.STDOUT), err))
+        deadline = time.monotonic() + 60 + 2.0 * len(files)
+        for proc, _ in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        seconds = time.perf_counter() - started
+    finally:
+        for proc, _ in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+    failed = [log for proc, log in procs if proc.returncode != 0]
+    tail = failed[0].read_text(errors="replace")[-400:] if failed else ""
+    return SendResult(seconds, len(failed), tail)
+
+
+# ---------------------------------------------------------------- servers -----------
+
+@dataclass
+class Measurement:
+    target: str
+    associations: int
+    count: int
+    megabytes: float
+    seconds: float
+    rss_mib: float
+    failed: int
+    received: int | None = None
+    indexed_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.seconds if self.seconds else 0.0
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.megabytes / self.seconds if self.seconds else 0.0
+
+
+class Server:
+    """A fresh server for one measurement: start, count what it kept, stop."""
+
+    name = "server"
+    aet = "ANY"
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def received(self) -> int | None:
+        return None
+
+    def after_send(self, expected: int, study_uid: str) -> float | None:
+        """Seconds from the last storescu exit until the server's work is done, if any."""
+        return None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+
+
+class VnaServer(Server):
+    name = "VNA (vna run)"
+    aet = "VNA"
+
+    def __init__(self, workdir: Path, *, profile_to: Path | None = None) -> None:
+        super().__init__(workdir)
+        self.http_port = free_port()
+        self.profile_to = profile_to
+        self.log = workdir / "vna.log"
+
+    def start(self) -> None:
+        env = {"VNA_DATA_DIR": str(self.workdir / "data"), "VNA_DIMSE_PORT": str(self.port),
+               "VNA_HTTP_PORT": str(self.http_port), "VNA_BIND": LOOPBACK}
+        if self.profile_to is not None:
+            argv = [sys.executable, "-m", "bench.vna_profiled", str(self.profile_to)]
+        else:
+            argv = [str(Path(sys.executable).with_name("vna")), "run"]
+            if not Path(argv[0]).exists():
+                argv = [sys.executable, "-m", "vna", "run"]
+        self.proc = spawn(argv, env=env, log=self.log, cwd=REPO)
+        wait_until(lambda: "VNA ready" in self.log.read_text(errors="replace"),
+                   timeout=60, proc=self.proc, what="vna run ready")
+        wait_until(lambda: echo_ok(self.aet, self.port), timeout=30, interval=0.3,
+                   proc=self.proc, what="vna echo")
+
+    def metric(self, name: str) -> float | None:
+        try:
+            text = http_get(f"http://{LOOPBACK}:{self.http_port}/metrics").decode()
+        except (OSError, urllib.error.URLError):
+            return None
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
+    def study_count(self, study_uid: str) -> int:
+        url = (f"http://{LOOPBACK}:{self.http_port}/dicomweb/studies?StudyInstanceUID="
+               f"{study_uid}&includefield=NumberOfStudyRelatedInstances")
+        try:
+            found = json.loads(http_get(url))
+        except (OSError, urllib.error.URLError, ValueError):
+            return -1
+        if not found:
+            return 0
+        return int(found[0].get("00201208", {}).get("Value", [0])[0])
+
+    def after_send(self, expected: int, study_uid: str) -> float | None:
+        started = time.perf_counter()
+
+        def indexed() -> bool:
+            lag = self.metric("vna_index_lag")
+            return lag == 0 and self.study_count(study_uid) >= expected
+
+        try:
+            wait_until(indexed, timeout=120 + 0.5 * expected, interval=0.1, proc=self.proc,
+                       what="VNA indexed everything")
+        except TimeoutError:
+            return None
+        self._received = self.study_count(study_uid)
+        return time.perf_counter() - started
+
+    def received(self) -> int | None:
+        return getattr(self, "_received", None)
+
+
+class OrthancServer(Server):
+    name = "Orthanc"
+    aet = "ORTHANC"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.http_port = free_port()
+        self.log = workdir / "orthanc.log"
+
+    def start(self) -> None:
+        storage = self.workdir / "orthanc-db"
+        config = {
+            "Name": "bench", "DicomAet": self.aet, "DicomPort": self.port,
+            "HttpPort": self.http_port, "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage), "StorageCompression": False,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "Plugins": [], "DicomCheckCalledAet": False, "SaveJobs": False,
+            # Any calling AE may store, as with the other targets (no modality table).
+            "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        self.proc = spawn(["Orthanc", str(path)], env=NODELAY_ENV, log=self.log)
+        wait_until(lambda: echo_ok(self.aet, self.port), timeout=60, interval=0.3,
+                   proc=self.proc, what="Orthanc echo")
+
+    def after_send(self, expected: int, study_uid: str) -> float | None:
+        with contextlib.suppress(OSError, urllib.error.URLError, ValueError):
+            stats = json.loads(http_get(f"http://{LOOPBACK}:{self.http_port}/statistics"))
+            self._received = int(stats["CountInstances"])
+        return None  # Orthanc indexes before it answers the C-STORE
+
+    def received(self) -> int | None:
+        return getattr(self, "_received", None)
+
+
+class StorescpServer(Server):
+    name = "storescp --ignore"
+    aet = "STORESCP"
+
+    def start(self) -> None:
+        log = self.workdir / "storescp.log"
+        # --fork: one process per association, else four senders would queue on one.
+        self.proc = spawn(["storescp", "--ignore", "--fork", "-aet", self.aet, str(self.port)],
+                          env=NODELAY_ENV, log=log, cwd=self.workdir)
+        wait_until(lambda: echo_ok(self.aet, self.port), timeout=30, interval=0.2,
+                   proc=self.proc, what="storescp echo")
+
+
+# ---------------------------------------------------------------- running -----------
+
+def measure(make: Callable[[Path], Server], files: list[Path], parallel: int,
+            study_uid: str, megabytes: float) -> Measurement:
+    with tempfile.TemporaryDirectory(prefix="vna-bench-", dir=OUT_DIR) as tmp:
+        workdir = Path(tmp)
+        server = make(workdir)
+        try:
+            server.start()
+            assert server.proc is not None
+            with PeakRss(server.proc.pid) as rss:
+                sent = send(files, server.aet, server.port, parallel, workdir)
+                indexed = server.after_send(len(files), study_uid)
+            m = Measurement(server.name, parallel, len(files), megabytes, sent.seconds,
+                            rss.mib, sent.failed_processes, server.received(), indexed)
+            if sent.failed_processes:
+                m.notes.append(f"storescu failed: {sent.stderr_tail.strip()[-200:]}")
+            if isinstance(server, VnaServer) and indexed is None:
+                m.notes.append("not fully indexed within the time limit")
+            return m
+        finally:
+            server.stop()
+
+
+def fmt_row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in
+                     enumerate(zip(cells, widths, strict=True)))
+
+
+def print_table(results: list[Measurement], files: int, megabytes: float) -> None:
+    orthanc = {m.associations: m.per_second for m in results if m.target == "Orthanc"}
+    header = ["target", "assoc", "inst/s", "MB/s", "seconds", "peak RSS MiB",
+              "kept", "stored->indexed s", "vs Orthanc"]
+    rows = []
+    for m in results:
+        ref = orthanc.get(m.associations)
+        rows.append([m.target, str(m.associations), f"{m.per_second:.0f}",
+                     f"{m.mb_per_second:.1f}", f"{m.seconds:.2f}", f"{m.rss_mib:.0f}",
+                     "-" if m.received is None else str(m.received),
+                     "-" if m.indexed_seconds is None else f"{m.indexed_seconds:.2f}",
+                     f"{m.per_second / ref:.2f}" if ref and m.target != "Orthanc" else "-"])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    print()
+    print(f"Ingest with dcmtk storescu (TCP_NODELAY=1): {files} CT instances, "
+          f"{megabytes:.0f} MB, {os.cpu_count()} CPUs")
+    print(fmt_row(header, widths))
+    print(fmt_row(["-" * w for w in widths], widths))
+    for row in rows:
+        print(fmt_row(row, widths))
+    for m in results:
+        for note in m.notes:
+            print(f"  note: {m.target}, {m.associations} assoc: {note}")
+    print("inst/s and MB/s: first storescu start to last storescu exit (what the sender "
+          "sees).\nstored->indexed: from then until every instance is queryable "
+          "(VNA indexes after it answers).\npeak RSS: sum of VmHWM over the server's "
+          "process tree.")
+
+
+def run_benchmark(count: int) -> int:
+    files = generate(count)
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    study_uid = study_uid_of(files[0])
+    targets: list[tuple[str, Callable[[Path], Server]]] = [("vna", VnaServer)]
+    if shutil.which("Orthanc"):
+        targets.append(("orthanc", OrthancServer))
+    else:
+        print("Orthanc is not installed (apt-get install orthanc): no reference figure")
+    targets.append(("storescp", StorescpServer))
+    results: list[Measurement] = []
+    for parallel in (1, PARALLEL):
+        for label, make in targets:
+            print(f"measuring {label}, {parallel} association(s) ...", flush=True)
+            results.append(measure(make, files, parallel, study_uid, megabytes))
+            m = results[-1]
+            print(f"  {m.per_second:.0f} inst/s, {m.mb_per_second:.1f} MB/s", flush=True)
+    print_table(results, count, megabytes)
+    return 0
+
+
+def run_profile(count: int, top: int = 15) -> int:
+    files = generate(count)
+    megabytes = sum(f.stat().st_size for f in files) / 1e6
+    study_uid = study_uid_of(files[0])
+    prof = OUT_DIR / f"vna-{count}.prof"
+    m = measure(lambda d: VnaServer(d, profile_to=prof), files, 1, study_uid, megabytes)
+    print(f"\nvna run under cProfile (all threads), {count} instances, 1 association: "
+          f"{m.per_second:.0f} inst/s (profiling slows it), "
+          f"stored->indexed {m.indexed_seconds} s")
+    print(f"profile: {prof} (open with python -m pstats)")
+    stats = pstats.Stats(str(prof))
+    stats.strip_dirs().sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return 0
+
+
+@contextlib.contextmanager
+def cleanup_on_signals() -> Iterator[None]:
+    """Ctrl-C or SIGTERM: raise in the main thread, so ``finally`` stops every server."""
+    def handler(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--count", type=int, default=1000, help="instances (default 1000)")
+    parser.add_argument("--quick", action="store_true", help="a small run: 40 instances")
+    parser.add_argument("--profile", type=int, metavar="N", default=0,
+                        help="profile vna run for N instances over one association instead")
+    args = parser.parse_args(argv)
+    for tool in ("storescu", "echoscu", "storescp"):
+        if shutil.which(tool) is None:
+            print(f"{tool} is missing: apt-get install -y dcmtk", file=sys.stderr)
+            return 2
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    count = 40 if args.quick else args.count
+    with cleanup_on_signals():
+        try:
+            if args.profile:
+                return run_profile(args.profile)
+            return run_benchmark(count)
+        except KeyboardInterrupt:
+            print("\ninterrupted: servers stopped", file=sys.stderr)
+            return 130
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # `python bench/ingest.py`: make `vna` importable
+        sys.path.insert(0, str(REPO))
+    sys.exit(main())
