@@ -42,6 +42,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from services.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES
 from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.dicom.matching import Level, QueryError, build_query
@@ -98,7 +99,7 @@ def register_query_retrieve(ae: AE, handlers: Handlers, deps: Deps) -> None:
     # C-GET sends over the requester's own association, on storage contexts in
     # which the requester is the SCP: accept that role (and the usual one).
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES,
+        ae.add_supported_context(str(cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES,
                                  scu_role=True, scp_role=True)
     _install_stored_file_sending()
     bind_for_sop_classes(handlers, evt.EVT_C_FIND, FIND_MODELS, partial(handle_find, deps=deps))

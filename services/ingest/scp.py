@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import (
     AE,
     ALL_TRANSFER_SYNTAXES,
@@ -31,6 +32,15 @@ from vna.dicom import status
 from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
 
 log = logging.getLogger("vna.ingest")
+
+# When a requester offers several transfer syntaxes in one presentation context,
+# the acceptor's order decides. Explicit VR Little Endian first: it keeps the VRs
+# (of private elements) that Implicit VR loses, and it is what most stored objects
+# are in, so a C-GET can send them unchanged over the requester's own contexts.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    *(ts for ts in ALL_TRANSFER_SYNTAXES if ts != ExplicitVRLittleEndian),
+]
 
 # Receive data sets straight to disk (large objects never sit whole in memory)
 # and send stored files without decoding them.
@@ -113,7 +123,7 @@ def build_ae(deps: Deps) -> AE:
     ae.maximum_associations = 64
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cast(str, cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(cast(str, cx.abstract_syntax), ACCEPTED_TRANSFER_SYNTAXES)
     return ae
 
 
