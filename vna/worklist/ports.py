@@ -156,9 +156,11 @@ class IndexCorrections(Protocol):
 
 def chain_hash(prev_hash: str, at: datetime, action: str, outcome: str, actor: str,
                subject: str, detail: str) -> str:
-    """SHA-256 over the previous hash and this record: editing any record breaks the chain."""
-    body = json.dumps([prev_hash, at.isoformat(), action, outcome, actor, subject, detail],
-                      separators=(",", ":"))
+    """SHA-256 over the previous hash and this record: editing any record breaks the chain.
+
+    The same form as the index's audit trail, so that worklist records join that one chain.
+    """
+    body = json.dumps([prev_hash, at.isoformat(), action, outcome, actor, subject, detail])
     return hashlib.sha256(body.encode()).hexdigest()
 
 
