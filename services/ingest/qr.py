@@ -46,6 +46,7 @@ from services.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES
 from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.dicom.matching import Level, QueryError, build_query
+from vna.dicom.uids import is_valid_uid
 from vna.model import StoredInstance
 from vna.ports import Unavailable
 from vna.usecases.search import search
@@ -80,6 +81,10 @@ _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
 
 Handlers = list[tuple[Any, Callable[..., Any]]]
+
+
+class LevelError(QueryError):
+    """The Query/Retrieve Level is missing, unknown or not part of the information model."""
 
 
 class RetrieveRequestError(Exception):
@@ -137,10 +142,10 @@ def _level(identifier: Dataset, sop_class: str) -> Level:
     try:
         level = Level(raw)
     except ValueError:
-        raise QueryError(f"QueryRetrieveLevel {raw!r} is not PATIENT/STUDY/SERIES/IMAGE"
+        raise LevelError(f"QueryRetrieveLevel {raw!r} is not PATIENT/STUDY/SERIES/IMAGE"
                          ) from None
     if level is Level.PATIENT and sop_class not in PATIENT_ROOT:
-        raise QueryError("PATIENT level is not part of the Study Root model")
+        raise LevelError("PATIENT level is not part of the Study Root model")
     return level
 
 
@@ -209,8 +214,8 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
 def _find_failure_code(exc: QueryError) -> int:
     # A wrong level or model is an identifier that does not fit the SOP class;
     # a bad value (date range, UID) is one the SCP cannot process.
-    return (status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS if "QueryRetrieveLevel" in str(exc)
-            or "PATIENT level" in str(exc) else status.UNABLE_TO_PROCESS)
+    return (status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS if isinstance(exc, LevelError)
+            else status.UNABLE_TO_PROCESS)
 
 
 def _failure(code: int, reason: str) -> Dataset:
@@ -306,6 +311,11 @@ def instances_to_retrieve(identifier: Dataset, sop_class: str, *, deps: Deps
     if not wanted:
         raise RetrieveRequestError(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS,
                                    f"{unique} is required at the {level} level")
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        for uid in _uids(identifier, keyword):
+            if not is_valid_uid(uid):
+                raise RetrieveRequestError(status.UNABLE_TO_PROCESS,
+                                           f"{keyword}: not a valid UID")
     # Higher-level keys narrow the match (they must agree with the lower ones).
     patient_id = str(identifier.get("PatientID", "") or "") or None
     studies = _uids(identifier, "StudyInstanceUID") if level is not Level.STUDY else []

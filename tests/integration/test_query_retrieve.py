@@ -427,9 +427,14 @@ def test_move_without_unique_key_fails(world: World) -> None:
         responses = list(assoc.send_c_move(
             identifier(QueryRetrieveLevel="SERIES", SeriesInstanceUID=""),
             PEER_AE, StudyRootQueryRetrieveInformationModelMove))
+        assert responses[-1][0].Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+        invalid = list(assoc.send_c_move(
+            identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="../etc"),
+            PEER_AE, StudyRootQueryRetrieveInformationModelMove))
+        assert invalid[-1][0].Status == status.UNABLE_TO_PROCESS
+        assert "not a valid UID" in invalid[-1][0].ErrorComment
     finally:
         assoc.release()
-    assert responses[-1][0].Status == status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
 
 
 # ------------------------------------------------------------------ C-GET
