@@ -30,6 +30,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
@@ -392,6 +393,20 @@ def test_move_pending_responses_carry_counts(world: World) -> None:
     assert [r.NumberOfCompletedSuboperations for r, _ in responses[:3]] == [1, 2, 3]
     final = responses[-1][0]
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (3, 0)
+
+
+def test_move_patient_level_patient_root(world: World) -> None:
+    assoc = scu(world.archive, PatientRootQueryRetrieveInformationModelMove)
+    try:
+        responses = list(assoc.send_c_move(
+            identifier(QueryRetrieveLevel="PATIENT", PatientID="PAT001"),
+            PEER_AE, PatientRootQueryRetrieveInformationModelMove))
+    finally:
+        assoc.release()
+    final = responses[-1][0]
+    assert final.Status == status.SUCCESS
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (12, 0)
+    assert len(responses) == 13  # a pending response per sub-operation, then the final one
 
 
 def test_move_to_unknown_destination_is_refused(world: World) -> None:
