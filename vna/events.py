@@ -67,6 +67,39 @@ class InstanceIndexed(Event):
     stored_at: datetime
 
 
+class PerformedInstanceRef(BaseModel):
+    """One instance a Modality Performed Procedure Step reports."""
+
+    model_config = ConfigDict(frozen=True)
+
+    series_instance_uid: str
+    sop_class_uid: str = ""
+    sop_instance_uid: str
+
+
+class MppsCompleted(Event):
+    """A modality reported a procedure step COMPLETED, with what it produced."""
+
+    routing_key: ClassVar[str] = "mpps.completed"
+    type: Literal["mpps.completed"] = "mpps.completed"
+    mpps_sop_instance_uid: str
+    study_instance_uid: str
+    accession_number: str = ""
+    order_ids: tuple[str, ...] = ()
+    performed: tuple[PerformedInstanceRef, ...] = ()
+
+
+class StudyComplete(Event):
+    """Every instance the study's completed MPPS list is in the archive (published once)."""
+
+    routing_key: ClassVar[str] = "study.complete"
+    type: Literal["study.complete"] = "study.complete"
+    study_instance_uid: str
+    accession_number: str = ""
+    mpps_sop_instance_uids: tuple[str, ...] = ()
+    instance_count: int
+
+
 def decode_event(data: bytes | str) -> Event:
     """Parse an event from its JSON wire form; an unknown type raises ValueError."""
     raw = json.loads(data)
