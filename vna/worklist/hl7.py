@@ -399,24 +399,30 @@ class Hl7Context:
     facility: str = ""
 
 
+def _merge_parties(msg: Message) -> tuple[PatientDemographics, PatientDemographics]:
+    """(prior, surviving) patient of an ADT^A40."""
+    patient = _patient(msg, msg.first("PID"))
+    mrg = msg.first("MRG")
+    if mrg is None:
+        raise Hl7Refused("AE", SEGMENT_SEQUENCE_ERROR, "MRG segment is missing", "MRG")
+    prior = PatientDemographics(
+        patient_id=_required(msg.value(mrg, 1), "MRG^1^1", "prior patient identifier"),
+        issuer_of_patient_id=msg.value(mrg, 1, 4),
+    )
+    return prior, patient
+
+
 def _apply(msg: Message, kind: tuple[str, str], tx: WorklistTx, ctx: Hl7Context,
-           actor: str) -> str:
+           actor: str, index_merge_ref: str = "") -> str:
     message_type, trigger = kind
     pid = msg.first("PID")
     if message_type == "ADT":
-        patient = _patient(msg, pid)
         if trigger == "A40":
-            mrg = msg.first("MRG")
-            if mrg is None:
-                raise Hl7Refused("AE", SEGMENT_SEQUENCE_ERROR, "MRG segment is missing", "MRG")
-            prior = PatientDemographics(
-                patient_id=_required(msg.value(mrg, 1), "MRG^1^1", "prior patient identifier"),
-                issuer_of_patient_id=msg.value(mrg, 1, 4),
-            )
-            merge = merge_patients(prior, patient, tx=tx, corrections=ctx.corrections,
+            prior, survivor = _merge_parties(msg)
+            merge = merge_patients(prior, survivor, tx=tx, index_merge_ref=index_merge_ref,
                                    actor=actor)
             return f"merged ({len(merge.moved_order_ids)} orders moved)"
-        register_patient(patient, tx=tx, actor=actor)
+        register_patient(_patient(msg, pid), tx=tx, actor=actor)
         return "patient registered"
     patient = _patient(msg, pid)
     applied = 0
@@ -474,18 +480,34 @@ def handle_hl7(text: str, *, ctx: Hl7Context, peer: str = "") -> str:
         key = f"{sender}|{control_id}"
         actor = f"hl7:{msg.value(msh, 3) or peer}"
         with ctx.store.transaction() as tx:
-            if tx.message_ack(key) is not None:
-                log.info("HL7 duplicate acknowledged",
-                         extra={"control_id": control_id, "message_type": "^".join(kind)})
-                return build_ack(msg, "AA", "duplicate message, already applied", ctx=ctx)
-            try:
-                text_out = _apply(msg, kind, tx, ctx, actor)
-            except OrderError as exc:
-                code = {OrderErrorKind.UNKNOWN: UNKNOWN_KEY_IDENTIFIER,
-                        OrderErrorKind.CONFLICT: DUPLICATE_KEY_IDENTIFIER,
-                        OrderErrorKind.INVALID: DATA_TYPE_ERROR}[exc.kind]
-                raise Hl7Refused("AE", code, exc.reason, exc.location) from exc
-            tx.record_message(key, "^".join(kind), "AA")
+            seen = tx.message_ack(key) is not None
+        if seen:
+            log.info("HL7 duplicate acknowledged",
+                     extra={"control_id": control_id, "message_type": "^".join(kind)})
+            return build_ack(msg, "AA", "duplicate message, already applied", ctx=ctx)
+        index_ref = _merge_in_index(msg, ctx, actor) if kind == ("ADT", "A40") else ""
+        try:
+            with ctx.store.transaction() as tx:
+                if tx.message_ack(key) is not None:
+                    # A concurrent delivery of the same message won the race.
+                    raise _AlreadyApplied
+                try:
+                    text_out = _apply(msg, kind, tx, ctx, actor, index_ref)
+                except OrderError as exc:
+                    code = {OrderErrorKind.UNKNOWN: UNKNOWN_KEY_IDENTIFIER,
+                            OrderErrorKind.CONFLICT: DUPLICATE_KEY_IDENTIFIER,
+                            OrderErrorKind.INVALID: DATA_TYPE_ERROR}[exc.kind]
+                    raise Hl7Refused("AE", code, exc.reason, exc.location) from exc
+                tx.record_message(key, "^".join(kind), "AA")
+        except _AlreadyApplied:
+            if index_ref and ctx.corrections is not None:
+                ctx.corrections.unmerge_patients(index_ref, actor=actor)
+            return build_ack(msg, "AA", "duplicate message, already applied", ctx=ctx)
+        except BaseException:
+            # Never half-applied: the index's side of a merge is undone with the rest.
+            if index_ref and ctx.corrections is not None:
+                ctx.corrections.unmerge_patients(index_ref, actor=actor)
+            raise
         log.info("HL7 applied", extra={"control_id": control_id,
                                        "message_type": "^".join(kind)})
         return build_ack(msg, "AA", text_out, ctx=ctx)
@@ -498,6 +520,26 @@ def handle_hl7(text: str, *, ctx: Hl7Context, peer: str = "") -> str:
         log.warning("HL7 not applied, store unavailable: %s", exc)
         return build_ack(msg, "AR", "worklist store unavailable, send again later", ctx=ctx,
                          error_code=APPLICATION_INTERNAL_ERROR)
+
+
+class _AlreadyApplied(Exception):
+    pass
+
+
+def _merge_in_index(msg: Message, ctx: Hl7Context, actor: str) -> str:
+    """The index's side of ADT^A40, done first so that a refusal there refuses the message."""
+    if ctx.corrections is None:
+        return ""
+    prior, survivor = _merge_parties(msg)
+    try:
+        return ctx.corrections.merge_patients(
+            prior.patient_id, prior.issuer_of_patient_id, survivor.patient_id,
+            survivor.issuer_of_patient_id, actor=actor)
+    except Unavailable:
+        raise
+    except Exception as exc:
+        raise Hl7Refused("AE", APPLICATION_INTERNAL_ERROR,
+                         f"index refused the merge: {exc}") from exc
 
 
 def _audit_refusal(ctx: Hl7Context, exc: Hl7Refused, msg: Message | None, peer: str) -> None:

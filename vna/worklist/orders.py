@@ -24,7 +24,7 @@ from vna.worklist.model import (
     RisPatient,
     now,
 )
-from vna.worklist.ports import IndexCorrections, WorklistTx
+from vna.worklist.ports import WorklistTx
 
 
 class OrderErrorKind(StrEnum):
@@ -200,10 +200,14 @@ def cancel_orders(*, tx: WorklistTx, accession_number: str = "", placer_order_nu
 
 
 def merge_patients(prior: PatientDemographics, survivor: PatientDemographics, *,
-                   tx: WorklistTx, corrections: IndexCorrections | None = None,
-                   actor: str = "") -> PatientMerge:
-    """ADT^A40: the prior patient's orders (and, through the index, studies) move to the
-    surviving patient; the merge is recorded so that it can be undone."""
+                   tx: WorklistTx, index_merge_ref: str = "", actor: str = "") -> PatientMerge:
+    """ADT^A40: the prior patient's orders move to the surviving patient; the merge is
+    recorded so that it can be undone.
+
+    The index's side (studies) is done by the caller before this transaction, and
+    ``index_merge_ref`` is what it answered: the index and the worklist are separate
+    transactions (one SQLite writer at a time), so the caller compensates on failure.
+    """
     if (prior.patient_id, prior.issuer_of_patient_id) == (
             survivor.patient_id, survivor.issuer_of_patient_id):
         raise OrderError(OrderErrorKind.INVALID, "a patient cannot be merged into itself",
@@ -222,12 +226,6 @@ def merge_patients(prior: PatientDemographics, survivor: PatientDemographics, *,
     tx.put_patient((old or RisPatient(patient_id=prior.patient_id,
                                       issuer_of_patient_id=prior.issuer_of_patient_id))
                    .model_copy(update={"merged_into": surviving.patient_id, "updated_at": now()}))
-    index_ref = ""
-    if corrections is not None:
-        # Last: if the index refuses, the whole transaction (orders moved) rolls back.
-        index_ref = corrections.merge_patients(
-            prior.patient_id, prior.issuer_of_patient_id, surviving.patient_id,
-            surviving.issuer_of_patient_id, actor=actor)
     merge = PatientMerge(
         merge_id=uuid.uuid4().hex,
         prior_patient_id=prior.patient_id,
@@ -235,7 +233,7 @@ def merge_patients(prior: PatientDemographics, survivor: PatientDemographics, *,
         patient_id=surviving.patient_id,
         issuer_of_patient_id=surviving.issuer_of_patient_id,
         moved_order_ids=tuple(moved),
-        index_merge_ref=index_ref,
+        index_merge_ref=index_merge_ref,
     )
     tx.put_merge(merge)
     tx.audit("patient.merged", "success", actor=actor,
@@ -244,9 +242,12 @@ def merge_patients(prior: PatientDemographics, survivor: PatientDemographics, *,
     return merge
 
 
-def undo_merge(merge_id: str, *, tx: WorklistTx, corrections: IndexCorrections | None = None,
-               actor: str = "") -> PatientMerge:
-    """Reverse a merge: the moved orders go back, the prior patient stands alone again."""
+def undo_merge(merge_id: str, *, tx: WorklistTx, actor: str = "") -> PatientMerge:
+    """Reverse a merge: the moved orders go back, the prior patient stands alone again.
+
+    The caller undoes the index's side (``IndexCorrections.unmerge_patients`` with the
+    merge's ``index_merge_ref``) after this transaction commits.
+    """
     merge = tx.get_merge(merge_id)
     if merge is None:
         raise OrderError(OrderErrorKind.UNKNOWN, "no such merge")
@@ -261,8 +262,6 @@ def undo_merge(merge_id: str, *, tx: WorklistTx, corrections: IndexCorrections |
     prior = tx.get_patient(merge.prior_patient_id, merge.prior_issuer_of_patient_id)
     if prior is not None:
         tx.put_patient(prior.model_copy(update={"merged_into": "", "updated_at": now()}))
-    if corrections is not None and merge.index_merge_ref:
-        corrections.unmerge_patients(merge.index_merge_ref, actor=actor)
     undone = merge.model_copy(update={"undone_at": now()})
     tx.put_merge(undone)
     tx.audit("patient.unmerged", "success", actor=actor,

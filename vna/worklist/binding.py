@@ -1,0 +1,217 @@
+"""Binding images to orders, the reconciliation queue, and study completeness.
+
+``bind_instance`` consumes ``instance.indexed``: the instance's Accession Number,
+Patient ID and Study Instance UID are checked against the orders. A match
+records the binding (design invariant 6); anything else leaves the instance
+stored and puts its study in the reconciliation queue (invariant 5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from vna.events import Event, InstanceIndexed, StudyComplete
+from vna.ports import Index
+from vna.worklist.model import (
+    Binding,
+    MppsStatus,
+    Order,
+    OrderStatus,
+    ReconciliationItem,
+    ReconciliationStatus,
+    now,
+)
+from vna.worklist.orders import OrderError, OrderErrorKind
+from vna.worklist.ports import IndexCorrections, WorklistStore, WorklistTx
+
+log = logging.getLogger("vna.worklist.binding")
+
+_ACCESSION, _PATIENT_ID, _ISSUER = "00080050", "00100020", "00100021"
+
+
+def _json_value(attrs: Mapping[str, Any], tag: str) -> str:
+    values = attrs.get(tag, {}).get("Value") or []
+    return str(values[0]) if values else ""
+
+
+def bind_instance(event: Event, *, store: WorklistStore, index: Index) -> None:
+    """Check one indexed instance against the orders; redelivery changes nothing."""
+    if not isinstance(event, InstanceIndexed):
+        return
+    found = index.metadata(event.study_instance_uid, event.series_instance_uid,
+                           event.sop_instance_uid)
+    if not found:
+        log.warning("indexed instance has no metadata; not bound",
+                    extra={"sop_instance_uid": event.sop_instance_uid})
+        return
+    attrs = json.loads(found[0])
+    with store.transaction() as tx:
+        bind_study(event.study_instance_uid, accession_number=_json_value(attrs, _ACCESSION),
+                   patient_id=_json_value(attrs, _PATIENT_ID),
+                   issuer_of_patient_id=_json_value(attrs, _ISSUER), tx=tx)
+    check_study_complete(event.study_instance_uid, store=store, index=index)
+
+
+def _mismatch(order: Order, accession_number: str, patient_id: str, issuer: str) -> str:
+    """Why images with these values do not belong to ``order`` ('' when they do)."""
+    if patient_id != order.patient_id or (
+            issuer and order.issuer_of_patient_id and issuer != order.issuer_of_patient_id):
+        return "Patient ID differs from the order's"
+    if accession_number and accession_number != order.accession_number:
+        return "Accession Number differs from the order's"
+    if order.status is OrderStatus.CANCELLED:
+        return "the order was cancelled"
+    return ""
+
+
+def bind_study(study_instance_uid: str, *, accession_number: str, patient_id: str,
+               issuer_of_patient_id: str, tx: WorklistTx) -> Binding | ReconciliationItem | None:
+    """Bind the study to its order, or queue it for reconciliation; None if already done."""
+    bound = tx.bindings(study_instance_uid=study_instance_uid)
+    if any(b.how == "reconciled" for b in bound):
+        # A person decided; the instance's own header stays as received.
+        return None
+    if tx.open_reconciliation(study_instance_uid) is not None:
+        return None
+    candidates = tx.find_orders(study_instance_uid=study_instance_uid)
+    if not candidates and accession_number:
+        # The modality made its own Study Instance UID: the accession still binds it.
+        candidates = tx.find_orders(accession_number=accession_number)
+    reasons = []
+    for order in candidates:
+        reason = _mismatch(order, accession_number, patient_id, issuer_of_patient_id)
+        if reason:
+            reasons.append(reason)
+            continue
+        binding = Binding(study_instance_uid=study_instance_uid, order_id=order.order_id,
+                          accession_number=order.accession_number,
+                          patient_id=order.patient_id,
+                          issuer_of_patient_id=order.issuer_of_patient_id)
+        if tx.put_binding(binding):
+            tx.audit("study.bound", "success", actor="worklist",
+                     subject=f"study:{study_instance_uid}", detail=f"order={order.order_id}")
+            return binding
+        return None
+    if bound and not reasons:
+        return None
+    item = ReconciliationItem(
+        item_id=uuid.uuid4().hex,
+        study_instance_uid=study_instance_uid,
+        reason=reasons[0] if reasons else "no order for this study or accession number",
+        patient_id=patient_id,
+        issuer_of_patient_id=issuer_of_patient_id,
+        accession_number=accession_number,
+    )
+    tx.put_reconciliation(item)
+    tx.audit("reconciliation.opened", "success", actor="worklist",
+             subject=f"study:{study_instance_uid}", detail=item.reason)
+    log.info("study queued for reconciliation", extra={"item_id": item.item_id})
+    return item
+
+
+def check_study_complete(study_instance_uid: str, *, store: WorklistStore, index: Index) -> bool:
+    """Publish ``study.complete`` once every instance the study's completed MPPS list is
+    indexed; True when it was published by this call."""
+    with store.transaction() as tx:
+        steps = [m for m in tx.mpps_for_study(study_instance_uid)
+                 if m.status is MppsStatus.COMPLETED]
+    expected = {p.sop_instance_uid for m in steps for p in m.performed}
+    if not expected:
+        return False
+    present = {i.ref.sop_instance_uid
+               for i in index.instances(study_instance_uid=study_instance_uid)}
+    if not expected <= present:
+        return False
+    with store.transaction() as tx:
+        if not tx.mark_study_complete(study_instance_uid):
+            return False
+        tx.emit(StudyComplete(
+            study_instance_uid=study_instance_uid,
+            accession_number=steps[0].accession_number,
+            mpps_sop_instance_uids=tuple(m.sop_instance_uid for m in steps),
+            instance_count=len(expected),
+        ))
+        tx.audit("study.complete", "success", actor="worklist",
+                 subject=f"study:{study_instance_uid}", detail=f"instances={len(expected)}")
+    return True
+
+
+# ------------------------------------------------------------------ reconciliation
+def link_study(item_id: str, order_id: str, *, store: WorklistStore,
+               corrections: IndexCorrections | None, actor: str) -> ReconciliationItem:
+    """Resolve an item by binding its study to ``order_id``.
+
+    The study's patient and order attributes are corrected in the index as a new
+    metadata version first (the bytes stay pristine); then, in one worklist
+    transaction, the binding is recorded and the item closed. Without an index
+    that can correct, the item is closed with the correction noted as pending.
+    """
+    with store.transaction() as tx:
+        item, order = _open_item_and_order(item_id, order_id, tx)
+        patient = tx.get_patient(order.patient_id, order.issuer_of_patient_id)
+    changes = {
+        "PatientID": order.patient_id,
+        "IssuerOfPatientID": order.issuer_of_patient_id,
+        "AccessionNumber": order.accession_number,
+    }
+    if patient is not None:
+        changes.update(PatientName=patient.patient_name,
+                       PatientBirthDate=patient.patient_birth_date,
+                       PatientSex=patient.patient_sex)
+    version = ""
+    if corrections is not None:
+        version = corrections.correct_study(item.study_instance_uid, changes,
+                                            reason=f"reconciliation {item_id}", actor=actor)
+    with store.transaction() as tx:
+        item, order = _open_item_and_order(item_id, order_id, tx)
+        tx.put_binding(Binding(study_instance_uid=item.study_instance_uid,
+                               order_id=order.order_id, accession_number=order.accession_number,
+                               patient_id=order.patient_id,
+                               issuer_of_patient_id=order.issuer_of_patient_id,
+                               how="reconciled"))
+        note = f"index version {version}" if version else "index correction pending"
+        resolved = item.model_copy(update={
+            "status": ReconciliationStatus.LINKED, "order_id": order.order_id,
+            "resolved_by": actor, "resolved_at": now(), "note": note})
+        tx.put_reconciliation(resolved)
+        tx.audit("reconciliation.linked", "success", actor=actor,
+                 subject=f"study:{item.study_instance_uid}",
+                 detail=f"item={item_id} order={order.order_id} {note}")
+    return resolved
+
+
+def reject_study(item_id: str, *, store: WorklistStore, actor: str, note: str = ""
+                 ) -> ReconciliationItem:
+    """Resolve an item without an order: the images stay stored, unbound."""
+    with store.transaction() as tx:
+        item = tx.get_reconciliation(item_id)
+        if item is None:
+            raise OrderError(OrderErrorKind.UNKNOWN, "no such reconciliation item")
+        if item.status is not ReconciliationStatus.OPEN:
+            raise OrderError(OrderErrorKind.CONFLICT, f"item is already {item.status.value}")
+        resolved = item.model_copy(update={
+            "status": ReconciliationStatus.REJECTED, "resolved_by": actor,
+            "resolved_at": now(), "note": note})
+        tx.put_reconciliation(resolved)
+        tx.audit("reconciliation.rejected", "success", actor=actor,
+                 subject=f"study:{item.study_instance_uid}", detail=f"item={item_id}")
+    return resolved
+
+
+def _open_item_and_order(item_id: str, order_id: str, tx: WorklistTx
+                         ) -> tuple[ReconciliationItem, Order]:
+    item = tx.get_reconciliation(item_id)
+    if item is None:
+        raise OrderError(OrderErrorKind.UNKNOWN, "no such reconciliation item")
+    if item.status is not ReconciliationStatus.OPEN:
+        raise OrderError(OrderErrorKind.CONFLICT, f"item is already {item.status.value}")
+    order = tx.get_order(order_id)
+    if order is None:
+        raise OrderError(OrderErrorKind.UNKNOWN, "no such order")
+    if order.status is OrderStatus.CANCELLED:
+        raise OrderError(OrderErrorKind.CONFLICT, "order was cancelled")
+    return item, order
