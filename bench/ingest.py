@@ -295,15 +295,17 @@ class VnaServer(Server):
     name = "VNA (vna run)"
     aet = "VNA"
 
-    def __init__(self, workdir: Path, *, profile_to: Path | None = None) -> None:
+    def __init__(self, workdir: Path, *, profile_to: Path | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         super().__init__(workdir)
         self.http_port = free_port()
         self.profile_to = profile_to
+        self.extra_env = extra_env or {}
         self.log = workdir / "vna.log"
 
     def start(self) -> None:
         env = {"VNA_DATA_DIR": str(self.workdir / "data"), "VNA_DIMSE_PORT": str(self.port),
-               "VNA_HTTP_PORT": str(self.http_port), "VNA_BIND": LOOPBACK}
+               "VNA_HTTP_PORT": str(self.http_port), "VNA_BIND": LOOPBACK, **self.extra_env}
         if self.profile_to is not None:
             argv = [sys.executable, "-m", "bench.vna_profiled", str(self.profile_to)]
         else:
@@ -463,16 +465,18 @@ def print_table(results: list[Measurement], files: int, megabytes: float) -> Non
           "process tree.")
 
 
-def run_benchmark(count: int) -> int:
+def run_benchmark(count: int, vna_env: dict[str, str], only: set[str]) -> int:
     files = generate(count)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     study_uid = study_uid_of(files[0])
-    targets: list[tuple[str, Callable[[Path], Server]]] = [("vna", VnaServer)]
+    targets: list[tuple[str, Callable[[Path], Server]]] = [
+        ("vna", lambda d: VnaServer(d, extra_env=vna_env))]
     if shutil.which("Orthanc"):
         targets.append(("orthanc", OrthancServer))
     else:
         print("Orthanc is not installed (apt-get install orthanc): no reference figure")
     targets.append(("storescp", StorescpServer))
+    targets = [t for t in targets if not only or t[0] in only]
     results: list[Measurement] = []
     for parallel in (1, PARALLEL):
         for label, make in targets:
@@ -484,20 +488,33 @@ def run_benchmark(count: int) -> int:
     return 0
 
 
-def run_profile(count: int, top: int = 15) -> int:
+def run_profile(count: int, vna_env: dict[str, str], top: int = 15) -> int:
     files = generate(count)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     study_uid = study_uid_of(files[0])
     prof = OUT_DIR / f"vna-{count}.prof"
-    m = measure(lambda d: VnaServer(d, profile_to=prof), files, 1, study_uid, megabytes)
+    m = measure(lambda d: VnaServer(d, profile_to=prof, extra_env=vna_env), files, 1,
+                study_uid, megabytes)
     print(f"\nvna run under cProfile (all threads), {count} instances, 1 association: "
           f"{m.per_second:.0f} inst/s (profiling slows it), "
           f"stored->indexed {m.indexed_seconds} s")
     print(f"profile: {prof} (open with python -m pstats)")
     stats = pstats.Stats(str(prof))
-    stats.strip_dirs().sort_stats("cumulative").print_stats(top)
+    stats.strip_dirs().sort_stats("cumulative")
+    print(f"--- top {top} cumulative, without thread plumbing and idle waits ---")
+    stats.print_stats(NOT_IDLE, top)
+    print(f"--- top {top} own time (idle waits included: they show the polling) ---")
     stats.sort_stats("tottime").print_stats(top)
+    print("--- the store path and the indexer, one level down ---")
+    stats.sort_stats("cumulative").print_callees(r"\(store_instance\)|\(index_instance\)")
     return 0
+
+
+# Threads spend most of their wall time waiting; these lines would hide the work.
+NOT_IDLE = (r"^(?!.*(threading\.py|selectors\.py|socketserver\.py|base_events\.py|runners\.py"
+            r"|_compat\.py|uvicorn|server\.py:\d+\((run|serve|main_loop|on_tick)"
+            r"|cli\.py|relay\.py:\d+\(_run\)|vna_profiled|'acquire'|'poll'|time\.sleep"
+            r"|\(<module>\)|built-in method builtins\.(exec|__import__)|importlib)).*")
 
 
 @contextlib.contextmanager
@@ -506,12 +523,15 @@ def cleanup_on_signals() -> Iterator[None]:
     def handler(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    # SIGINT explicitly too: a shell starts background jobs with SIGINT ignored.
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handler) for signum in watched}
     try:
         yield
     finally:
         stop_all()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,7 +540,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run: 40 instances")
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="profile vna run for N instances over one association instead")
+    parser.add_argument("--vna-env", action="append", default=[], metavar="VNA_X=VALUE",
+                        help="extra setting for vna run, e.g. VNA_INGEST_WORKERS=2 "
+                             "(default: the embedded defaults)")
+    parser.add_argument("--only", action="append", default=[],
+                        choices=["vna", "orthanc", "storescp"], help="measure only these")
     args = parser.parse_args(argv)
+    vna_env = dict(item.split("=", 1) for item in args.vna_env if "=" in item)
     for tool in ("storescu", "echoscu", "storescp"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: apt-get install -y dcmtk", file=sys.stderr)
@@ -530,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     with cleanup_on_signals():
         try:
             if args.profile:
-                return run_profile(args.profile)
-            return run_benchmark(count)
+                return run_profile(args.profile, vna_env)
+            return run_benchmark(count, vna_env, set(args.only))
         except KeyboardInterrupt:
             print("\ninterrupted: servers stopped", file=sys.stderr)
             return 130
