@@ -65,6 +65,7 @@ def cmd_run(settings: Settings) -> int:
     deps.bus.start()
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
+    deps.extras["on_stored"] = relay.wake  # STOW-RS wakes the relay as C-STORE does
     registrars = _registrars()
     workers = _ingest_workers(settings)
     dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars,

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     """Maximum PDU length we accept; 0 means unlimited."""
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    qido_max_results: int = 1000
+    """QIDO-RS answers at most this many matches; more get a 299 Warning (PS3.18 8.3.4.4)."""
     log_level: str = "INFO"
     log_format: str = "json"
 

@@ -1,0 +1,265 @@
+"""STOW-RS (PS3.18 10.5): multipart/related application/dicom into ``store_instance``.
+
+The body is read as a stream: each part is written to a file in the staging
+directory as it arrives, then handed to the same ``store_instance`` C-STORE
+uses (in a worker thread: it does blocking I/O and fsyncs). A part that fails
+fails alone.
+
+FailureReason (0008,1197) per store failure, the DIMSE storage statuses
+(PS3.4 B.2.3) the C-STORE SCP answers too:
+
+======================  ======  =========================================
+failure                 reason
+======================  ======  =========================================
+UNAVAILABLE             0xA700  Out of resources: retry later
+MISMATCH, INVALID       0xA900  Data set does not match (another study than
+                                the URL names; invalid or missing UIDs)
+UNREADABLE              0xC000  Cannot understand (not DICOM, truncated,
+                                not application/dicom)
+SOP_CONFLICT            0xC001  Same SOP Instance UID, different content
+PATIENT_CONFLICT        0xC002  Study known under another Patient ID
+======================  ======  =========================================
+
+HTTP status: 200 every instance stored (an identical resend counts as stored),
+202 some failed, 409 none stored, 503 with Retry-After when nothing could be
+stored because the archive's storage is unavailable, 415 for a body that is
+not multipart/related application/dicom, 400 for a malformed body.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from services.dicomweb.common import APPLICATION_DICOM, DICOM_JSON, DepsDep, base_url
+from services.dicomweb.multipart import MultipartError, Part, parse_content_type, read_parts
+from vna.bootstrap import Deps
+from vna.dicom import status
+from vna.dicom.part10 import MAGIC, PREAMBLE, NotPart10Error, read_header
+from vna.dicom.uids import is_valid_uid
+from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
+
+log = logging.getLogger("vna.dicomweb.stow")
+router = APIRouter()
+
+FAILURE_REASON = {
+    StoreFailure.UNAVAILABLE: status.OUT_OF_RESOURCES,
+    StoreFailure.MISMATCH: status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    StoreFailure.INVALID: status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    StoreFailure.UNREADABLE: status.CANNOT_UNDERSTAND,
+    StoreFailure.SOP_CONFLICT: status.DUPLICATE_SOP_INSTANCE_CONFLICT,
+    StoreFailure.PATIENT_CONFLICT: status.PATIENT_CONFLICT,
+}
+
+_RETRIEVE_URL = "00081190"
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_REFERENCED_SOP_CLASS_UID = "00081150"
+_REFERENCED_SOP_INSTANCE_UID = "00081155"
+_FAILURE_REASON = "00081197"
+
+
+@dataclass
+class _Outcome:
+    sop_class_uid: str
+    sop_instance_uid: str
+    stored: bool
+    failure: StoreFailure | None = None
+    retrieve_url: str = ""
+
+
+def _staging_dir(deps: Deps) -> Path:
+    """Beside the blobs when they are files (a rename, not a copy, makes them durable)."""
+    root = getattr(deps.blobs, "staging_dir", None)
+    path: Path = root() if callable(root) else deps.settings.data_dir / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _PartFile:
+    """The staging file one part's body is written to.
+
+    Some clients (dicomweb-client through pydicom's ``dcmwrite`` of a data set
+    built in memory) send the File Meta group without the 128-byte preamble and
+    'DICM'; the preamble is restored here so the part is a Part-10 file again.
+    """
+
+    _HEAD = len(PREAMBLE) + len(MAGIC)
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=directory)
+        self.path = Path(name)
+        self.fp: BinaryIO = os.fdopen(fd, "wb")
+        self._head: bytearray | None = bytearray()
+
+    def write(self, data: bytes, /) -> int:
+        if self._head is None:
+            return self.fp.write(data)
+        self._head += data
+        if len(self._head) >= self._HEAD:
+            self._flush_head()
+        return len(data)
+
+    def _flush_head(self) -> None:
+        head, self._head = bytes(self._head or b""), None
+        if head[128:132] != MAGIC and head[:2] == b"\x02\x00":
+            self.fp.write(PREAMBLE + MAGIC)
+        self.fp.write(head)
+
+    def close(self) -> None:
+        if self._head is not None:
+            self._flush_head()
+        self.fp.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fp.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _uids_of(path: Path) -> tuple[str, str]:
+    """(SOP Class UID, SOP Instance UID) from the File Meta, for the failure report."""
+    try:
+        with open(path, "rb") as fp:
+            header = read_header(fp)
+    except (NotPart10Error, OSError):
+        return "", ""
+    return header.sop_class_uid, header.sop_instance_uid
+
+
+def _store_part(path: Path, study: str | None, deps: Deps, staging: Path, root: str
+                ) -> _Outcome:
+    try:
+        result = store_instance(Received(path=path, study_instance_uid=study),
+                                blobs=deps.blobs, index=deps.index, staging_dir=staging)
+    except StoreError as exc:
+        sop_class, sop_uid = _uids_of(path)
+        return _Outcome(sop_class, sop_uid, stored=False, failure=exc.failure)
+    ref = result.ref
+    return _Outcome(
+        result.sop_class_uid, ref.sop_instance_uid, stored=True,
+        retrieve_url=f"{root}/studies/{ref.study_instance_uid}/series/"
+                     f"{ref.series_instance_uid}/instances/{ref.sop_instance_uid}")
+
+
+def _uid_attr(value: str) -> dict[str, Any]:
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+def store_response(outcomes: list[_Outcome], study_url: str | None) -> dict[str, Any]:
+    """The PS3.18 Table 10.5.3-1 response data set, as DICOM JSON."""
+    body: dict[str, Any] = {}
+    if study_url:
+        body[_RETRIEVE_URL] = {"vr": "UR", "Value": [study_url]}
+    failed = [
+        {_REFERENCED_SOP_CLASS_UID: _uid_attr(o.sop_class_uid),
+         _REFERENCED_SOP_INSTANCE_UID: _uid_attr(o.sop_instance_uid),
+         _FAILURE_REASON: {"vr": "US", "Value": [
+             FAILURE_REASON[o.failure or StoreFailure.UNREADABLE]]}}
+        for o in outcomes if not o.stored
+    ]
+    stored = [
+        {_REFERENCED_SOP_CLASS_UID: _uid_attr(o.sop_class_uid),
+         _REFERENCED_SOP_INSTANCE_UID: _uid_attr(o.sop_instance_uid),
+         _RETRIEVE_URL: {"vr": "UR", "Value": [o.retrieve_url]}}
+        for o in outcomes if o.stored
+    ]
+    if failed:
+        body[_FAILED_SOP_SEQUENCE] = {"vr": "SQ", "Value": failed}
+    if stored:
+        body[_REFERENCED_SOP_SEQUENCE] = {"vr": "SQ", "Value": stored}
+    return dict(sorted(body.items()))
+
+
+async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
+    media, params = parse_content_type(request.headers.get("content-type", ""))
+    inner = params.get("type", "").lower()
+    if media != "multipart/related" or inner not in (APPLICATION_DICOM, ""):
+        raise HTTPException(
+            415, 'expected Content-Type: multipart/related; type="application/dicom"')
+    boundary = params.get("boundary")
+    if not boundary:
+        raise HTTPException(400, "multipart/related without a boundary")
+    if study is not None and not is_valid_uid(study):
+        raise HTTPException(400, f"StudyInstanceUID: {study!r} is not a valid UID")
+    staging = _staging_dir(deps)
+    root = base_url(request)
+    outcomes: list[_Outcome] = []
+    current: dict[int, _PartFile] = {}
+
+    def open_part(part: Part) -> _PartFile:
+        sink = _PartFile(staging)
+        current[id(part)] = sink
+        return sink
+
+    async def close_part(part: Part) -> None:
+        sink = current.pop(id(part))
+        try:
+            sink.close()
+            part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
+            if part_media != APPLICATION_DICOM:
+                # application/dicom+json with bulk data is not supported yet.
+                outcomes.append(_Outcome("", "", stored=False,
+                                         failure=StoreFailure.UNREADABLE))
+                return
+            outcomes.append(await run_in_threadpool(
+                _store_part, sink.path, study, deps, staging, root))
+        finally:
+            sink.discard()
+
+    try:
+        await read_parts(request.stream(), boundary, open_part, close_part)
+    except MultipartError as exc:
+        raise HTTPException(400, f"malformed multipart body: {exc}") from exc
+    finally:
+        for sink in current.values():
+            sink.discard()
+    if not outcomes:
+        raise HTTPException(400, "the request holds no part")
+    stored = sum(o.stored for o in outcomes)
+    if stored:
+        _wake(deps.extras.get("on_stored"))
+    study_url = f"{root}/studies/{study}" if study else None
+    body = store_response(outcomes, study_url)
+    headers: dict[str, str] = {}
+    if stored == len(outcomes):
+        code = 200
+    elif stored:
+        code = 202
+    elif all(o.failure is StoreFailure.UNAVAILABLE for o in outcomes):
+        code = 503
+        headers["Retry-After"] = "5"
+    else:
+        code = 409
+    log.info("stow", extra={"parts": len(outcomes), "stored": stored, "status": code})
+    return JSONResponse(body, status_code=code, media_type=DICOM_JSON, headers=headers)
+
+
+def _wake(hook: Callable[[], None] | None) -> None:
+    if hook is not None:
+        try:
+            hook()
+        except Exception:
+            log.exception("on_stored hook failed")
+
+
+@router.post("/studies")
+async def store_instances(request: Request, deps: DepsDep) -> Response:
+    return await _stow(request, deps, None)
+
+
+@router.post("/studies/{study}")
+async def store_instances_in_study(study: str, request: Request,
+                                   deps: DepsDep) -> Response:
+    return await _stow(request, deps, study)

@@ -1,0 +1,408 @@
+"""DICOMweb round trips with dicomweb-client against the app over embedded deps.
+
+The app runs under uvicorn on a free loopback port; indexing is driven by the
+test (the outbox relay drained synchronously), so nothing waits on timing.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.parser import BytesParser
+from email.policy import HTTP
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import pydicom
+import pytest
+import uvicorn
+from dicomweb_client.api import DICOMwebClient
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import generate_uid
+
+from services.dicomweb.app import create_app
+from tests.support.processes import free_port, wait_for
+from vna.bootstrap import Deps, build
+from vna.cli import subscribe_indexer
+from vna.config import Settings
+from vna.dicom.part10 import read_header
+from vna.testing.synthetic import ct_instance
+from vna.usecases.relay import OutboxRelay
+
+pytestmark = pytest.mark.integration
+
+JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+
+
+@dataclass
+class Web:
+    base: str
+    deps: Deps
+    relay: OutboxRelay
+    woken: list[int]
+
+    @property
+    def root(self) -> str:
+        return f"{self.base}/dicomweb"
+
+    def client(self) -> DICOMwebClient:
+        return DICOMwebClient(url=self.root)
+
+    def index_all(self) -> None:
+        """Relay the outbox until empty: the local bus indexes synchronously."""
+        while self.relay.drain_once():
+            pass
+        assert self.deps.index.counts()["unindexed"] == 0
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[Web]:
+    settings = Settings(data_dir=tmp_path, storage_url="", index_url="", bus_url="local://",
+                        redis_url="", log_format="text", qido_max_results=5)
+    deps = build(settings)
+    subscribe_indexer(deps)
+    deps.bus.start()
+    relay = OutboxRelay(index=deps.index, bus=deps.bus)
+    woken: list[int] = []
+    deps.extras["on_stored"] = lambda: woken.append(1)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(deps), host="127.0.0.1", port=port,
+                                           log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, 0.02, "uvicorn to start")
+    try:
+        yield Web(f"http://127.0.0.1:{port}", deps, relay, woken)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        deps.close()
+
+
+def encode(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def dataset_bytes(part10: bytes) -> bytes:
+    """The data set behind the File Meta: what must come back unchanged."""
+    return part10[read_header(io.BytesIO(part10)).dataset_offset:]
+
+
+def multipart_parts(response: httpx.Response) -> list[tuple[str, bytes]]:
+    """(Content-Type, body) of each part, parsed by the standard library."""
+    head = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode()
+    msg = BytesParser(policy=HTTP).parsebytes(head + response.content)
+    assert msg.is_multipart()
+    out: list[tuple[str, bytes]] = []
+    for p in msg.iter_parts():
+        payload = p.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        out.append((str(p.get("Content-Type", "")).replace('"', ""), payload))
+    return out
+
+
+def stow_body(parts: list[tuple[str, bytes]], boundary: str = "b0undary") -> tuple[bytes, str]:
+    body = b"".join(f"--{boundary}\r\nContent-Type: {ct}\r\n\r\n".encode() + data + b"\r\n"
+                    for ct, data in parts) + f"--{boundary}--\r\n".encode()
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def a_study(n_series: int = 2, per_series: int = 3, **kw: Any) -> list[Dataset]:
+    study = generate_uid()
+    out = []
+    for s in range(n_series):
+        series = generate_uid()
+        out += [ct_instance(study_uid=study, series_uid=series, instance_number=i + 1,
+                            series_number=s + 1, **kw) for i in range(per_series)]
+    return out
+
+
+def value(obj: dict[str, Any], tag: str) -> Any:
+    return obj[tag]["Value"][0]
+
+
+# ---------------------------------------------------------------------- STOW + QIDO
+def test_stow_then_search_at_every_resource(web: Web) -> None:
+    sent = a_study()
+    study = sent[0].StudyInstanceUID
+    client = web.client()
+    response = client.store_instances(sent)
+    refs = response.ReferencedSOPSequence
+    assert {r.ReferencedSOPInstanceUID for r in refs} == {d.SOPInstanceUID for d in sent}
+    # dicomweb-client sends 'Host: 127.0.0.1' without the port, and RetrieveURL
+    # follows the Host header (as it must behind a proxy): compare paths.
+    urls = [urlparse(r.RetrieveURL).path for r in refs]
+    assert all(u.startswith(f"/dicomweb/studies/{study}/series/") for u in urls), urls
+    assert "FailedSOPSequence" not in response
+    assert web.woken, "the relay wake hook was not called"
+    web.index_all()
+
+    studies = client.search_for_studies(search_filters={"PatientID": "PAT001"})
+    assert len(studies) == 1
+    assert value(studies[0], "0020000D") == study
+    assert urlparse(value(studies[0], "00081190")).path == f"/dicomweb/studies/{study}"
+    assert value(studies[0], "00201208") == 6  # NumberOfStudyRelatedInstances
+
+    series = client.search_for_series(study_instance_uid=study)
+    assert len(series) == 2
+    series_uid = value(series[0], "0020000E")
+    assert urlparse(value(series[0], "00081190")).path == \
+        f"/dicomweb/studies/{study}/series/{series_uid}"
+    assert len(client.search_for_series(search_filters={"Modality": "CT"})) == 2
+
+    in_series = client.search_for_instances(study_instance_uid=study,
+                                            series_instance_uid=series_uid)
+    assert len(in_series) == 3
+    assert all(value(i, "0020000E") == series_uid for i in in_series)
+    # The fixture caps results at 5: the client pages on past the 299 Warning.
+    assert len(client.search_for_instances(study_instance_uid=study)) == 5
+    everything = client.search_for_instances(study_instance_uid=study, get_remaining=True)
+    assert sorted(value(i, "00080018") for i in everything) == \
+        sorted(d.SOPInstanceUID for d in sent)
+    assert client.search_for_studies(search_filters={"PatientID": "NOBODY"}) == []
+
+
+def test_qido_paging_is_stable_and_capped_with_a_warning(web: Web) -> None:
+    sent = a_study(n_series=1, per_series=7)
+    web.client().store_instances(sent)
+    web.index_all()
+    r = httpx.get(f"{web.root}/instances")
+    assert r.status_code == 200
+    assert len(r.json()) == 5
+    assert r.headers["warning"].startswith("299 ")
+    seen: list[str] = []
+    for offset in range(0, 8, 2):
+        page = httpx.get(f"{web.root}/instances", params={"limit": 2, "offset": offset})
+        assert "warning" not in page.headers
+        seen += [value(o, "00080018") for o in page.json()]
+    assert len(seen) == 7 and len(set(seen)) == 7
+    again = httpx.get(f"{web.root}/instances", params={"limit": 4}).json()
+    assert [value(o, "00080018") for o in again] == seen[:4]
+
+
+def test_qido_matching_includefield_fuzzy_and_encoded_wildcards(web: Web) -> None:
+    sent = a_study(n_series=1, per_series=1, patient_name="Müller^Jürgen", patient_id="PX-77")
+    web.client().store_instances(sent)
+    web.index_all()
+    q = f"{web.root}/studies"
+    # %2A is '*', percent-encoded by the client: still a wildcard.
+    assert len(httpx.get(q + "?PatientID=PX%2A").json()) == 1
+    assert httpx.get(q + "?PatientID=PY%2A").json() == []
+    assert len(httpx.get(q, params={"PatientName": "muller", "fuzzymatching": "true"}).json()) \
+        == 1
+    assert len(httpx.get(q, params={"PatientName": "jurg", "fuzzymatching": "true"}).json()) \
+        == 1
+    assert httpx.get(q, params={"PatientName": "muller"}).json() == []
+    assert len(httpx.get(q, params={"StudyDate": "20240101-20240131"}).json()) == 1
+    assert httpx.get(q, params={"StudyDate": "20250101-"}).json() == []
+    found = httpx.get(f"{web.root}/series",
+                      params={"includefield": "Manufacturer,00180050"}).json()[0]
+    assert value(found, "00080070") == "VNA-SYNTHETIC"
+    assert value(found, "00180050") == 1.0
+    every = httpx.get(f"{web.root}/instances", params={"includefield": "all"}).json()[0]
+    assert value(every, "00080020") == "20240102"  # StudyDate, from above the level
+    plain = httpx.get(f"{web.root}/instances").json()[0]
+    assert "00080020" not in plain
+
+
+@pytest.mark.parametrize(("params", "reason"), [
+    ({"StudyDate": "20241345"}, "not a valid date"),
+    ({"StudyDate": "yesterday"}, "not a date"),
+    ({"NoSuchAttribute": "1"}, "unknown attribute"),
+    ({"StudyInstanceUID": "1.2.abc"}, "not a valid UID"),
+    ({"limit": "ten"}, "not an integer"),
+    ({"offset": "-1"}, "negative"),
+    ({"fuzzymatching": "maybe"}, "fuzzymatching"),
+    ({"includefield": "Nonsense"}, "unknown attribute"),
+    ({"SOPInstanceUID": "1.2.3"}, "below the STUDY level"),
+])
+def test_qido_bad_parameters_get_400_with_a_reason(web: Web, params: dict[str, str],
+                                                    reason: str) -> None:
+    r = httpx.get(f"{web.root}/studies", params=params)
+    assert r.status_code == 400
+    assert reason in r.json()["detail"]
+    assert r.headers["warning"].startswith("299 ")
+
+
+def test_qido_malformed_uid_in_path_is_400(web: Web) -> None:
+    r = httpx.get(f"{web.root}/studies/not..a.uid/series")
+    assert r.status_code == 400
+    assert "not a valid UID" in r.json()["detail"]
+
+
+# ---------------------------------------------------------------------- WADO
+def test_retrieve_returns_the_sent_data_sets_byte_for_byte(web: Web) -> None:
+    sent = a_study()
+    encoded = {d.SOPInstanceUID: dataset_bytes(encode(d)) for d in sent}
+    study, series, sop = sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID, \
+        sent[0].SOPInstanceUID
+    client = web.client()
+    client.store_instances(sent)
+    web.index_all()
+
+    retrieved = client.retrieve_study(study)
+    assert sorted(d.SOPInstanceUID for d in retrieved) == sorted(encoded)
+    for ds in retrieved:
+        assert dataset_bytes(encode(ds)) == encoded[ds.SOPInstanceUID]
+    assert len(client.retrieve_series(study, series)) == 3
+    one = client.retrieve_instance(study, series, sop)
+    assert one.SOPInstanceUID == sop
+
+    raw = httpx.get(f"{web.root}/studies/{study}",
+                    headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                       "transfer-syntax=*"})
+    parts = multipart_parts(raw)
+    assert len(parts) == 6
+    for content_type, body in parts:
+        assert content_type == "application/dicom; transfer-syntax=1.2.840.10008.1.2.1"
+        ds = pydicom.dcmread(io.BytesIO(body))
+        assert dataset_bytes(body) == encoded[ds.SOPInstanceUID]
+
+    not_stored = httpx.get(f"{web.root}/studies/{study}",
+                           headers={"Accept": 'multipart/related; type="application/dicom"; '
+                                              f"transfer-syntax={JPEG_BASELINE}"})
+    assert not_stored.status_code == 406
+    assert "transcoding" in not_stored.json()["detail"]
+    assert httpx.get(f"{web.root}/studies/{generate_uid()}").status_code == 404
+
+
+def test_metadata_with_bulkdata_uris_ranges_and_etag(web: Web) -> None:
+    sent = a_study(n_series=1, per_series=2)
+    study, series = sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID
+    client = web.client()
+    client.store_instances(sent)
+    web.index_all()
+
+    meta = client.retrieve_study_metadata(study)
+    assert len(meta) == 2
+    assert len(client.retrieve_series_metadata(study, series)) == 2
+    by_sop = {value(m, "00080018"): m for m in meta}
+    first = sent[0]
+    uri = by_sop[first.SOPInstanceUID]["7FE00010"]["BulkDataURI"]
+    assert uri.startswith(f"/dicomweb/studies/{study}/series/{series}/instances/")
+    whole = httpx.get(web.base + uri, headers={"Accept": "application/octet-stream"})
+    assert whole.status_code == 200
+    assert whole.content == first.PixelData
+    part = httpx.get(web.base + uri, headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206
+    assert part.content == first.PixelData[100:200]
+    assert part.headers["content-range"] == f"bytes 100-199/{len(first.PixelData)}"
+    tail = httpx.get(web.base + uri, headers={"Range": "bytes=-10"})
+    assert tail.content == first.PixelData[-10:]
+    assert httpx.get(web.base + uri, headers={"Range": "bytes=99999999-"}).status_code == 416
+    assert client.retrieve_bulkdata(web.base + uri) == [first.PixelData]
+
+    url = f"{web.root}/studies/{study}/metadata"
+    r1 = httpx.get(url)
+    etag = r1.headers["etag"]
+    assert httpx.get(url, headers={"If-None-Match": etag}).status_code == 304
+    zipped = httpx.get(url, headers={"Accept-Encoding": "gzip"})
+    assert zipped.headers.get("content-encoding") == "gzip"
+    assert zipped.json() == r1.json()
+    # A new instance changes the ETag: a cached copy is not served for the new set.
+    extra = ct_instance(study_uid=study, series_uid=series, instance_number=3)
+    client.store_instances([extra])
+    web.index_all()
+    r2 = httpx.get(url, headers={"If-None-Match": etag})
+    assert r2.status_code == 200
+    assert r2.headers["etag"] != etag
+    assert len(r2.json()) == 3
+
+
+def test_frames_native_and_encapsulated(web: Web) -> None:
+    study, series = generate_uid(), generate_uid()
+    multi = ct_instance(study_uid=study, series_uid=series, rows=16, columns=16)
+    multi.NumberOfFrames = 3
+    multi.PixelData = bytes(range(256)) * 2 * 3  # 3 frames of 16x16x2 bytes
+    frame_len = 16 * 16 * 2
+    jpeg = ct_instance(study_uid=study, series_uid=series, instance_number=2,
+                       transfer_syntax=JPEG_BASELINE)
+    # Even lengths: fragments are padded to even length when encapsulated.
+    fragments = [b"\xff\xd8frame-one!\xff\xd9", b"\xff\xd8frame-two!\xff\xd9"]
+    jpeg.NumberOfFrames = 2
+    jpeg.PixelData = encapsulate(fragments)
+    jpeg["PixelData"].VR = "OB"
+    client = web.client()
+    client.store_instances([multi, jpeg])
+    web.index_all()
+
+    frames = client.retrieve_instance_frames(study, series, multi.SOPInstanceUID, [2, 3])
+    assert frames == [multi.PixelData[frame_len:2 * frame_len],
+                      multi.PixelData[2 * frame_len:]]
+    url = f"{web.root}/studies/{study}/series/{series}/instances/{jpeg.SOPInstanceUID}/frames/2,1"
+    r = httpx.get(url, headers={"Accept": 'multipart/related; type="application/octet-stream"; '
+                                          "transfer-syntax=*"})
+    assert r.status_code == 200
+    parts = multipart_parts(r)
+    assert [body for _ct, body in parts] == [fragments[1], fragments[0]]
+    assert parts[0][0] == f"application/octet-stream; transfer-syntax={JPEG_BASELINE}"
+    jpeg_typed = httpx.get(url, headers={"Accept": 'multipart/related; type="image/jpeg"'})
+    assert multipart_parts(jpeg_typed)[0][0] == f"image/jpeg; transfer-syntax={JPEG_BASELINE}"
+    decoded = httpx.get(url, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"; '
+                  "transfer-syntax=1.2.840.10008.1.2.1"})
+    assert decoded.status_code == 406
+    missing = httpx.get(url.replace("/frames/2,1", "/frames/4"))
+    assert missing.status_code == 404
+    assert httpx.get(url.replace("/frames/2,1", "/frames/0")).status_code == 400
+
+
+# ---------------------------------------------------------------------- STOW failures
+def test_stow_parts_fail_alone(web: Web) -> None:
+    study = generate_uid()
+    good = ct_instance(study_uid=study)
+    other_study = ct_instance(study_uid=generate_uid())
+    body, content_type = stow_body([("application/dicom", encode(good)),
+                                    ("application/dicom", b"this is not DICOM" * 20),
+                                    ("application/dicom", encode(other_study))])
+    r = httpx.post(f"{web.root}/studies/{study}", content=body,
+                   headers={"Content-Type": content_type})
+    assert r.status_code == 202
+    result = Dataset.from_json(r.json())
+    assert [i.ReferencedSOPInstanceUID for i in result.ReferencedSOPSequence] == \
+        [good.SOPInstanceUID]
+    failed = {i.get("ReferencedSOPInstanceUID", ""): i.FailureReason
+              for i in result.FailedSOPSequence}
+    assert failed == {"": 0xC000, other_study.SOPInstanceUID: 0xA900}
+    assert result.RetrieveURL == f"{web.root}/studies/{study}"
+    web.index_all()
+    assert web.deps.index.counts()["instances"] == 1
+
+    # Resending the same instance succeeds and changes nothing (idempotence).
+    body, content_type = stow_body([("application/dicom", encode(good))])
+    again = httpx.post(f"{web.root}/studies", content=body,
+                       headers={"Content-Type": content_type})
+    assert again.status_code == 200
+
+    # Same SOP Instance UID, other content: refused; nothing stored -> 409.
+    changed = ct_instance(study_uid=study, sop_uid=good.SOPInstanceUID)
+    body, content_type = stow_body([("application/dicom", encode(changed))])
+    conflict = httpx.post(f"{web.root}/studies", content=body,
+                          headers={"Content-Type": content_type})
+    assert conflict.status_code == 409
+    assert Dataset.from_json(conflict.json()).FailedSOPSequence[0].FailureReason == 0xC001
+
+
+def test_stow_rejects_what_is_not_multipart_dicom(web: Web) -> None:
+    r = httpx.post(f"{web.root}/studies", content=b"{}",
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 415
+    truncated, content_type = stow_body([("application/dicom", encode(ct_instance()))])
+    r = httpx.post(f"{web.root}/studies", content=truncated[:-20],
+                   headers={"Content-Type": content_type})
+    assert r.status_code == 400
+    assert "closing boundary" in r.json()["detail"]
+    assert web.deps.index.counts()["claims"] == 0
+
+
+def test_health_ready_metrics_still_served(web: Web) -> None:
+    assert httpx.get(f"{web.base}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{web.base}/readyz").status_code == 200
+    assert "vna_" in httpx.get(f"{web.base}/metrics").text
