@@ -40,6 +40,9 @@ class _BlobReader(io.RawIOBase):
         self.blobs, self.key = blobs, key
         self.size = blobs.size(key)
         self.pos = 0
+        # pydicom wants a name when it defers values; they are never loaded through
+        # it here (we read their extents), so a label is enough.
+        self.name = f"blob:{key}"
 
     def readable(self) -> bool:
         return True

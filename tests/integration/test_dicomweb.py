@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import threading
+from contextlib import contextmanager
 from collections.abc import Iterator
 from dataclasses import dataclass
 from email.parser import BytesParser
@@ -60,11 +61,12 @@ class Web:
         assert self.deps.index.counts()["unindexed"] == 0
 
 
-@pytest.fixture
-def web(tmp_path: Path) -> Iterator[Web]:
-    settings = Settings(data_dir=tmp_path, storage_url="", index_url="", bus_url="local://",
-                        redis_url="", log_format="text", qido_max_results=5)
-    deps = build(settings)
+@contextmanager
+def serve(tmp_path: Path, **overrides: Any) -> Iterator[Web]:
+    values: dict[str, Any] = {
+        "data_dir": tmp_path, "storage_url": "", "index_url": "", "bus_url": "local://",
+        "redis_url": "", "log_format": "text", "qido_max_results": 5, **overrides}
+    deps = build(Settings(**values))
     subscribe_indexer(deps)
     deps.bus.start()
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
@@ -82,6 +84,12 @@ def web(tmp_path: Path) -> Iterator[Web]:
         server.should_exit = True
         thread.join(timeout=10)
         deps.close()
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[Web]:
+    with serve(tmp_path) as running:
+        yield running
 
 
 def encode(ds: Dataset) -> bytes:
@@ -406,3 +414,32 @@ def test_health_ready_metrics_still_served(web: Web) -> None:
     assert httpx.get(f"{web.base}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{web.base}/readyz").status_code == 200
     assert "vna_" in httpx.get(f"{web.base}/metrics").text
+
+
+def test_ranged_blob_reads_and_503_when_storage_is_unavailable(tmp_path: Path) -> None:
+    """Blobs without a local path (memory here, S3 alike) are read by ranges."""
+    with serve(tmp_path, storage_url="memory://") as web:
+        study, series = generate_uid(), generate_uid()
+        multi = ct_instance(study_uid=study, series_uid=series, rows=16, columns=16)
+        multi.NumberOfFrames = 2
+        multi.PixelData = bytes(range(256)) * 4
+        client = web.client()
+        client.store_instances([multi])
+        web.index_all()
+        assert web.deps.blobs.local_path(
+            web.deps.index.instances(study)[0].blob_key) is None
+        frames = client.retrieve_instance_frames(study, series, multi.SOPInstanceUID, [2])
+        assert frames == [multi.PixelData[512:]]
+        uri = (f"{web.root}/studies/{study}/series/{series}/instances/"
+               f"{multi.SOPInstanceUID}/bulkdata/7FE00010")
+        r = httpx.get(uri, headers={"Range": "bytes=10-19"})
+        assert r.status_code == 206 and r.content == multi.PixelData[10:20]
+
+        web.deps.blobs.available = False  # type: ignore[attr-defined]
+        body, content_type = stow_body([("application/dicom", encode(ct_instance()))])
+        down = httpx.post(f"{web.root}/studies", content=body,
+                          headers={"Content-Type": content_type})
+        assert down.status_code == 503
+        assert down.headers["retry-after"]
+        failed = Dataset.from_json(down.json()).FailedSOPSequence
+        assert failed[0].FailureReason == 0xA700
