@@ -82,6 +82,7 @@ def c_find(service: WorklistService, query: Dataset, calling: str = "CT1") -> li
         for st, identifier in assoc.send_c_find(query, ModalityWorklistInformationFind):
             assert st is not None and "Status" in st
             if st.Status == status.PENDING:
+                assert identifier is not None
                 out.append(identifier)
             else:
                 assert st.Status == status.SUCCESS, hex(st.Status)
