@@ -12,6 +12,30 @@ from vna import metrics
 from vna.bootstrap import Deps
 from vna.ports import Unavailable
 
+CAPABILITIES: dict[str, object] = {
+    "service": "VNA DICOMweb (PS3.18)",
+    "qido-rs": {
+        "resources": ["/studies", "/series", "/instances", "/studies/{study}/series",
+                      "/studies/{study}/instances",
+                      "/studies/{study}/series/{series}/instances"],
+        "parameters": ["{attribute}={value}", "includefield", "fuzzymatching", "limit",
+                       "offset"],
+        "order": "the order in which the archive first indexed each entity",
+    },
+    "wado-rs": {
+        "resources": ["/studies/{study}", "/studies/{study}/series/{series}",
+                      "/studies/{study}/series/{series}/instances/{instance}",
+                      "{any of the above}/metadata",
+                      "/studies/{study}/series/{series}/instances/{instance}/frames/{list}",
+                      "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}"],
+        "transfer-syntax": "as stored ('*' or absent); no transcoding yet (406 otherwise)",
+    },
+    "stow-rs": {
+        "resources": ["/studies", "/studies/{study}"],
+        "media-types": ['multipart/related; type="application/dicom"'],
+    },
+}
+
 
 def create_app(deps: Deps) -> FastAPI:
     """The HTTP application over ``deps``; ``deps.extras['on_stored']`` is called after
@@ -57,6 +81,11 @@ def create_app(deps: Deps) -> FastAPI:
         metrics.INDEX_LAG.set(counts["unindexed"])
         metrics.QUEUE_DEPTH.set(counts["outbox"] + deps.bus.queue_depth())
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(PREFIX)
+    def capabilities() -> dict[str, object]:
+        """What this server supports, for a person or a client finding its way."""
+        return CAPABILITIES
 
     app.include_router(qido.router, prefix=PREFIX, tags=["QIDO-RS"])
     app.include_router(wado.router, prefix=PREFIX, tags=["WADO-RS"])

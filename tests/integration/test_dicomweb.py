@@ -414,6 +414,8 @@ def test_health_ready_metrics_still_served(web: Web) -> None:
     assert httpx.get(f"{web.base}/healthz").json() == {"status": "alive"}
     assert httpx.get(f"{web.base}/readyz").status_code == 200
     assert "vna_" in httpx.get(f"{web.base}/metrics").text
+    capabilities = httpx.get(web.root).json()
+    assert "/studies/{study}/series" in capabilities["qido-rs"]["resources"]
 
 
 def test_ranged_blob_reads_and_503_when_storage_is_unavailable(tmp_path: Path) -> None:
