@@ -65,7 +65,7 @@ def build_bus(settings: Settings) -> Bus:
     if scheme in ("amqp", "amqps"):
         from vna.adapters.bus.rabbitmq import RabbitBus
 
-        return RabbitBus(settings.bus_url)
+        return RabbitBus(settings.bus_url, namespace=settings.bus_namespace)
     raise ValueError(f"VNA_BUS_URL: unsupported scheme {scheme!r}")
 
 
@@ -73,7 +73,7 @@ def build_cache(settings: Settings) -> Cache:
     if settings.redis_url:
         from vna.adapters.cache.redis import RedisCache
 
-        return RedisCache(settings.redis_url)
+        return RedisCache(settings.redis_url, prefix=f"{settings.bus_namespace}:")
     from vna.adapters.cache.memory import MemoryCache
 
     return MemoryCache()
