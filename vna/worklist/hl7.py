@@ -513,7 +513,10 @@ def handle_hl7(text: str, *, ctx: Hl7Context, peer: str = "") -> str:
         return build_ack(msg, "AA", text_out, ctx=ctx)
     except Hl7Refused as exc:
         _audit_refusal(ctx, exc, msg, peer)
-        log.warning("HL7 refused: %s %s %s", exc.ack_code, exc.error_code, exc.reason)
+        # The reason may quote values from the message: it goes to the ACK and the audit
+        # trail, not to the log.
+        log.warning("HL7 refused: %s %s at %s", exc.ack_code, exc.error_code,
+                    exc.location or "-")
         return build_ack(msg, exc.ack_code, exc.reason, ctx=ctx, error_code=exc.error_code,
                          location=exc.location)
     except Unavailable as exc:
