@@ -6,7 +6,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from services.dicomweb import qido, stow, wado
+from services.dicomweb import qido, rendered, stow, wado
 from services.dicomweb.common import PREFIX
 from vna import metrics
 from vna.bootstrap import Deps
@@ -28,6 +28,10 @@ CAPABILITIES: dict[str, object] = {
                       "{any of the above}/metadata",
                       "/studies/{study}/series/{series}/instances/{instance}/frames/{list}",
                       "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}"],
+        "rendered": ["{instance}/rendered", "{instance}/frames/{n}/rendered",
+                     "{study|series|instance}/thumbnail"],
+        "rendered-media-types": ["image/jpeg", "image/png"],
+        "rendered-parameters": ["window", "viewport", "quality"],
         "transfer-syntax": "as stored ('*' or absent); no transcoding yet (406 otherwise)",
     },
     "stow-rs": {
@@ -89,5 +93,6 @@ def create_app(deps: Deps) -> FastAPI:
 
     app.include_router(qido.router, prefix=PREFIX, tags=["QIDO-RS"])
     app.include_router(wado.router, prefix=PREFIX, tags=["WADO-RS"])
+    app.include_router(rendered.router, prefix=PREFIX, tags=["WADO-RS rendered"])
     app.include_router(stow.router, prefix=PREFIX, tags=["STOW-RS"])
     return app

@@ -445,3 +445,37 @@ def test_ranged_blob_reads_and_503_when_storage_is_unavailable(tmp_path: Path) -
         assert down.headers["retry-after"]
         failed = Dataset.from_json(down.json()).FailedSOPSequence
         assert failed[0].FailureReason == 0xA700
+
+
+def test_rendered_and_thumbnails(web: Web) -> None:
+    from PIL import Image
+
+    study, series = generate_uid(), generate_uid()
+    ds = ct_instance(study_uid=study, series_uid=series, rows=32, columns=64, pixel_seed=1)
+    # Left half stored 0 (-1024 HU), right half 2024 (+1000 HU): a window of 0,400
+    # must render them black and white.
+    ds.PixelData = ((b"\x00\x00" * 32 + b"\xe8\x07" * 32) * 32)
+    web.client().store_instances([ds])
+    web.index_all()
+    base = f"{web.root}/studies/{study}/series/{series}/instances/{ds.SOPInstanceUID}"
+
+    png = httpx.get(f"{base}/rendered", params={"window": "0,400"},
+                    headers={"Accept": "image/png"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(png.content))
+    assert image.size == (64, 32)
+    assert image.getpixel((5, 5)) == 0 and image.getpixel((60, 5)) == 255
+    # Without a window parameter, the data set's own window (40,400) applies.
+    own = Image.open(io.BytesIO(httpx.get(f"{base}/rendered",
+                                          headers={"Accept": "image/png"}).content))
+    assert own.getpixel((5, 5)) == 0 and own.getpixel((60, 5)) == 255
+    jpeg = httpx.get(f"{base}/frames/1/rendered", params={"viewport": "32,16", "quality": "50"})
+    assert jpeg.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(jpeg.content)).size == (32, 16)
+    for url in (f"{web.root}/studies/{study}/thumbnail",
+                f"{web.root}/studies/{study}/series/{series}/thumbnail", f"{base}/thumbnail"):
+        thumb = Image.open(io.BytesIO(httpx.get(url).content))
+        assert max(thumb.size) <= 128
+    assert httpx.get(f"{base}/rendered", params={"window": "wide"}).status_code == 400
+    assert httpx.get(f"{base}/rendered", headers={"Accept": "image/gif"}).status_code == 406
+    assert httpx.get(f"{base}/frames/2/rendered").status_code == 404
