@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     qido_max_results: int = 1000
+    cors_origins: str = ""
+    """Origins allowed to call the HTTP API from a browser: 'https://a,https://b' or '*'."""
     """QIDO-RS answers at most this many matches; more get a 299 Warning (PS3.18 8.3.4.4)."""
     log_level: str = "INFO"
     log_format: str = "json"

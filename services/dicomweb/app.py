@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -46,6 +47,12 @@ def create_app(deps: Deps) -> FastAPI:
     a STOW-RS request stored something (the outbox relay's wake-up)."""
     app = FastAPI(title="VNA", docs_url=None, redoc_url=None)
     app.state.deps = deps
+    origins = [o.strip() for o in deps.settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        # Viewers served from another origin read these headers too.
+        app.add_middleware(CORSMiddleware, allow_origins=origins,
+                           allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"],
+                           expose_headers=["Warning", "ETag", "Content-Range", "Retry-After"])
 
     @app.exception_handler(Unavailable)
     def _unavailable(_request: Request, exc: Unavailable) -> Response:

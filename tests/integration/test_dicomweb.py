@@ -479,3 +479,13 @@ def test_rendered_and_thumbnails(web: Web) -> None:
     assert httpx.get(f"{base}/rendered", params={"window": "wide"}).status_code == 400
     assert httpx.get(f"{base}/rendered", headers={"Accept": "image/gif"}).status_code == 406
     assert httpx.get(f"{base}/frames/2/rendered").status_code == 404
+
+
+def test_cors_is_off_by_default_and_configurable(web: Web, tmp_path: Path) -> None:
+    origin = {"Origin": "https://viewer.example"}
+    assert "access-control-allow-origin" not in httpx.get(web.root + "/studies",
+                                                          headers=origin).headers
+    with serve(tmp_path / "cors", cors_origins="https://viewer.example") as other:
+        r = httpx.get(other.root + "/studies", headers=origin)
+        assert r.headers["access-control-allow-origin"] == "https://viewer.example"
+        assert "warning" in r.headers["access-control-expose-headers"].lower()
