@@ -173,13 +173,21 @@ def cmd_index(settings: Settings) -> int:
 
 
 def cmd_dicomweb(settings: Settings) -> int:
+    """HTTP alone. STOW-RS events go through the shared outbox; this process relays too."""
+    from vna.usecases.relay import OutboxRelay
+
     deps = build(settings)
     stop = _wait_for_signal()
+    deps.bus.start()
+    relay = OutboxRelay(index=deps.index, bus=deps.bus)
+    relay.start()
+    deps.extras["on_stored"] = relay.wake
     http, thread = _serve_http(deps, stop)
     print(f"VNA dicomweb ready on http://{settings.bind}:{settings.http_port}", flush=True)
     stop.wait()
     http.should_exit = True
     thread.join(timeout=10)
+    relay.stop()
     deps.close()
     return 0
 

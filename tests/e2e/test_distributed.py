@@ -1,0 +1,108 @@
+"""`vna up` as a user runs it: separate processes on PostgreSQL, RabbitMQ, Redis, S3.
+
+Kill any one of ingest, index and dicomweb: nothing stored is lost, and the
+archive answers again once the supervisor has started the process again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom.uid import generate_uid
+
+from tests.support.processes import VnaProcess, wait_for
+from vna.testing.synthetic import write_ct_series
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+
+def _pids(data_dir: Path) -> dict[str, int]:
+    out = {}
+    for line in (data_dir / "up.pids").read_text().splitlines():
+        name, pid = line.split()
+        out[name] = int(pid)
+    return out
+
+
+def _instances(base: str, patient_id: str) -> int:
+    r = httpx.get(f"{base}/dicomweb/studies", timeout=10,
+                  params={"PatientID": patient_id,
+                          "includefield": "NumberOfStudyRelatedInstances"})
+    if r.status_code != 200:
+        return -1
+    return sum(int(s["00201208"]["Value"][0]) for s in r.json())
+
+
+def _store(port: int, directory: Path) -> None:
+    storescu = shutil.which("storescu")
+    assert storescu, "dcmtk is missing: apt-get install -y dcmtk"
+    done = subprocess.run([storescu, "-aec", "VNA", "127.0.0.1", str(port), "+sd", "+r",
+                           str(directory)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _kill_and_wait_restart(archive: VnaProcess, name: str) -> None:
+    old = _pids(archive.data_dir)[name]
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: _pids(archive.data_dir)[name] != old, 60, 0.1, f"{name} restarted")
+
+
+def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[str, str]) -> None:
+    db = f"vna_e2e_{uuid.uuid4().hex[:8]}"
+    env = {
+        "VNA_INDEX_URL": f"postgresql://postgres@127.0.0.1:5432/{db}",
+        "VNA_BUS_URL": backends["amqp"],
+        "VNA_BUS_NAMESPACE": f"vna-e2e-{uuid.uuid4().hex[:8]}",
+        "VNA_REDIS_URL": backends["redis"],
+        "VNA_STORAGE_URL": "",
+    }
+    archive = VnaProcess(tmp_path / "data", command="up", env=env)
+    archive.start(timeout=120)
+    try:
+        first = write_ct_series(tmp_path / "s1", 40, study_uid=generate_uid(), patient_id="UP-1")
+        _store(archive.dimse_port, first[0].parent)
+        wait_for(lambda: _instances(archive.base_url, "UP-1") == 40, 120, 0.2, "40 indexed")
+
+        # The indexer dies: what is stored meanwhile waits in RabbitMQ.
+        _kill_and_wait_restart(archive, "index")
+        second = write_ct_series(tmp_path / "s2", 30, study_uid=generate_uid(),
+                                 patient_id="UP-1")
+        _store(archive.dimse_port, second[0].parent)
+        wait_for(lambda: _instances(archive.base_url, "UP-1") == 70, 120, 0.2, "70 indexed")
+
+        # The front door dies: it comes back on the same port and stores again.
+        _kill_and_wait_restart(archive, "ingest")
+        third = write_ct_series(tmp_path / "s3", 10, study_uid=generate_uid(), patient_id="UP-1")
+        wait_for(lambda: subprocess.run(["echoscu", "-aec", "VNA", "127.0.0.1",
+                                         str(archive.dimse_port)]).returncode == 0,
+                 60, 0.2, "ingest answering again")
+        _store(archive.dimse_port, third[0].parent)
+        wait_for(lambda: _instances(archive.base_url, "UP-1") == 80, 120, 0.2, "80 indexed")
+
+        # HTTP dies and comes back with the same answers.
+        _kill_and_wait_restart(archive, "dicomweb")
+        wait_for(lambda: _instances(archive.base_url, "UP-1") == 80, 60, 0.2, "dicomweb back")
+
+        # Blobs live in S3 (rclone), not in the data directory's blob folder.
+        assert not (tmp_path / "data" / "blobs").exists()
+        assert archive.stop() == 0
+    finally:
+        archive.stop()
+        _drop_database(db)
+
+
+def _drop_database(name: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+                           isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
