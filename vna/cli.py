@@ -62,6 +62,7 @@ def cmd_run(settings: Settings) -> int:
     deps = build(settings)
     stop = _wait_for_signal()
     subscribe_indexer(deps)
+    hl7 = _start_worklist(deps)
     deps.bus.start()
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
@@ -81,6 +82,8 @@ def cmd_run(settings: Settings) -> int:
           f"HTTP http://{settings.bind}:{settings.http_port}/dicomweb", flush=True)
     stop.wait()
     print("VNA stopping", flush=True)
+    if hl7 is not None:
+        hl7.stop()
     for proc in extra:
         proc.terminate()
     for proc in extra:
@@ -91,6 +94,16 @@ def cmd_run(settings: Settings) -> int:
     relay.stop()
     deps.close()
     return 0
+
+
+def _start_worklist(deps: Deps) -> Any:
+    """Embedded: orders bound to images, and the HL7 listener, in this process."""
+    try:
+        from services.worklist.service import start_hl7, subscribe_binder
+    except ImportError:
+        return None
+    subscribe_binder(deps)
+    return start_hl7(deps)
 
 
 def _ingest_workers(settings: Settings) -> int:
@@ -234,6 +247,8 @@ def cmd_up(settings: Settings) -> int:
     stop = _wait_for_signal()
     commands = {name: [sys.executable, "-m", "vna", name]
                 for name in ("ingest", "index", "dicomweb")}
+    commands["worklist"] = [sys.executable, "-m", "services.worklist", "--dimse-port",
+                            str(settings.worklist_port)]
     children: dict[str, subprocess.Popen[bytes]] = {}
     for name, argv in commands.items():
         children[name] = subprocess.Popen(argv, env=env)

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     """``sqlite:///path`` (default: ``$DATA_DIR/index.sqlite``) or ``postgresql://...``."""
     bus_url: str = "local://"
     """``local://`` (in-process) or ``amqp://user:pass@host:port/vhost``."""
+    worklist_port: int = 11113
+    """MWL/MPPS port of the separate worklist process under ``vna up``."""
     bus_namespace: str = "vna"
     """Exchange name and queue prefix on RabbitMQ: lets several archives share a broker."""
     redis_url: str = ""

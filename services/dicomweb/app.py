@@ -102,4 +102,14 @@ def create_app(deps: Deps) -> FastAPI:
     app.include_router(wado.router, prefix=PREFIX, tags=["WADO-RS"])
     app.include_router(rendered.router, prefix=PREFIX, tags=["WADO-RS rendered"])
     app.include_router(stow.router, prefix=PREFIX, tags=["STOW-RS"])
+    _include_worklist(app)
     return app
+
+
+def _include_worklist(app: FastAPI) -> None:
+    """Orders, MPPS and reconciliation under /worklist (the worklist's JSON API)."""
+    try:
+        from services.worklist.api import PREFIX as WORKLIST, router
+    except ImportError:
+        return
+    app.include_router(router, prefix=WORKLIST, tags=["Worklist"])
