@@ -20,9 +20,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from subprocess import Popen
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import pytest
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 # ----------------------------------------------------------------------- policy
 HOW_TO_START = {
@@ -65,7 +69,7 @@ def _host_port(url: str, default_port: int) -> tuple[str, int]:
 
 
 # ------------------------------------------------------------------- PostgreSQL
-def _admin_engine():  # type: ignore[no-untyped-def]
+def _admin_engine() -> Engine:
     from sqlalchemy import create_engine
 
     return create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
