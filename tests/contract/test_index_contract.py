@@ -1,0 +1,161 @@
+"""The Index port, over every adapter: SQLite (embedded) and PostgreSQL (distributed)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from vna.adapters.index.sqlalchemy import SqlIndex
+from vna.dicom.header import extract_record
+from vna.dicom.matching import Level, build_query
+from vna.events import InstanceIndexed, InstanceStored, decode_event
+from vna.model import BlobKey, InstanceClaim
+from vna.ports import ClaimOutcome, ConflictError, ConflictKind, IndexRecord
+from vna.testing.synthetic import ct_instance
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlIndex]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    else:
+        url = request.getfixturevalue("fresh_postgres_url")
+    idx = SqlIndex.from_url(url)
+    yield idx
+    idx.close()
+
+
+def _claim(sop: str | None = None, study: str | None = None, patient: str = "P1",
+           content: str = "a") -> tuple[InstanceClaim, InstanceStored]:
+    claim = InstanceClaim(
+        sop_instance_uid=sop or generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid=study or generate_uid(), series_instance_uid=generate_uid(),
+        patient_id=patient, transfer_syntax_uid="1.2.840.10008.1.2.1",
+        blob_key=BlobKey(content * 64), dataset_sha256=content * 64, size=10)
+    event = InstanceStored(
+        sop_instance_uid=claim.sop_instance_uid, sop_class_uid=claim.sop_class_uid,
+        study_instance_uid=claim.study_instance_uid,
+        series_instance_uid=claim.series_instance_uid,
+        transfer_syntax_uid=claim.transfer_syntax_uid, blob_key=claim.blob_key, size=10)
+    return claim, event
+
+
+def _record(**kwargs: object) -> IndexRecord:
+    ds = ct_instance(**kwargs)  # type: ignore[arg-type]
+    return extract_record(ds, blob_key="b" * 64, size=100,
+                          transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+
+
+def test_claim_records_the_event_in_the_same_transaction(index: SqlIndex) -> None:
+    claim, event = _claim()
+    assert index.claim(claim, event) is ClaimOutcome.NEW
+    assert index.find_claim(claim.sop_instance_uid) == claim
+    relayed: list[tuple[str, bytes]] = []
+    assert index.relay_outbox(relayed.extend) == 1
+    assert decode_event(relayed[0][1]) == event
+    assert index.outbox_depth() == 0
+
+
+def test_same_content_again_is_a_duplicate_and_adds_no_event(index: SqlIndex) -> None:
+    claim, event = _claim()
+    index.claim(claim, event)
+    assert index.claim(claim, event) is ClaimOutcome.DUPLICATE
+    assert index.check_claim(claim) is ClaimOutcome.DUPLICATE
+    assert index.outbox_depth() == 1
+
+
+def test_conflicts_are_refused(index: SqlIndex) -> None:
+    claim, event = _claim()
+    index.claim(claim, event)
+    other, other_event = _claim(sop=claim.sop_instance_uid, content="c")
+    with pytest.raises(ConflictError) as err:
+        index.claim(other, other_event)
+    assert err.value.kind is ConflictKind.SOP_INSTANCE
+    intruder, intruder_event = _claim(study=claim.study_instance_uid, patient="P2")
+    with pytest.raises(ConflictError) as err:
+        index.claim(intruder, intruder_event)
+    assert err.value.kind is ConflictKind.PATIENT
+    assert index.outbox_depth() == 1
+    assert index.find_claim(intruder.sop_instance_uid) is None
+
+
+def test_concurrent_claims_of_one_instance_make_one_event(index: SqlIndex) -> None:
+    claim, event = _claim()
+    outcomes: list[object] = []
+
+    def go() -> None:
+        try:
+            outcomes.append(index.claim(claim, event))
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count(ClaimOutcome.NEW) == 1
+    assert index.outbox_depth() == 1
+
+
+def test_a_failed_publish_leaves_events_in_the_outbox(index: SqlIndex) -> None:
+    index.claim(*_claim())
+
+    def broken(_messages: list[tuple[str, bytes]]) -> None:
+        raise RuntimeError("broker away")
+
+    with pytest.raises(RuntimeError):
+        index.relay_outbox(broken)
+    assert index.outbox_depth() == 1
+
+
+def test_upsert_is_idempotent_and_emits_once(index: SqlIndex) -> None:
+    record = _record()
+    indexed = InstanceIndexed(
+        sop_instance_uid=record.instance["SOPInstanceUID"],
+        study_instance_uid=record.study["StudyInstanceUID"],
+        series_instance_uid=record.series["SeriesInstanceUID"], blob_key=BlobKey("b" * 64),
+        stored_event_id="x", stored_at=datetime.now(UTC))
+    assert index.upsert_instance(record, indexed) is True
+    assert index.upsert_instance(record, indexed) is False
+    assert index.counts()["instances"] == 1
+    assert index.outbox_depth() == 1
+
+
+def test_search_matching_and_computed_attributes(index: SqlIndex) -> None:
+    study = generate_uid()
+    for i, modality in enumerate(["CT", "CT", "MR"]):
+        index.upsert_instance(_record(study_uid=study, patient_name="Müller^Anna",
+                                      modality=modality, instance_number=i,
+                                      study_date="20240315", study_time="101500",
+                                      series_uid=None if modality == "MR" else
+                                      study.replace(study[-3:], "999")))
+    index.upsert_instance(_record(patient_id="OTHER", patient_name="SMITH^JO",
+                                  study_date="20230101"))
+    q = build_query(Level.STUDY, {"PatientName": "mull*", "StudyDate": "20240301-20240331",
+                                  "StudyTime": "10-11", "ModalitiesInStudy": "MR"},
+                    return_keys=["NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
+                                 "ModalitiesInStudy"])
+    rows = index.search(q)
+    assert [r["StudyInstanceUID"] for r in rows] == [study]
+    assert rows[0]["NumberOfStudyRelatedInstances"] == 3
+    assert rows[0]["NumberOfStudyRelatedSeries"] == 2
+    assert rows[0]["ModalitiesInStudy"] == ["CT", "MR"]
+    assert index.search(build_query(Level.STUDY, {"PatientName": "mull?r*"})) != []
+    assert index.search(build_query(Level.STUDY, {"AccessionNumber": "acc001"})) == []
+    assert len(index.search(build_query(Level.STUDY, {}, limit=1, offset=1))) == 1
+    series = index.search(build_query(Level.SERIES, {"StudyInstanceUID": study}))
+    assert len(series) == 2
+
+
+def test_audit_chain(index: SqlIndex) -> None:
+    index.record_audit("store", "sop-conflict", actor="CT1", subject="1.2.3")
+    index.record_audit("store", "patient-conflict", actor="CT1", subject="1.2.4")
+    assert [r["outcome"] for r in index.audit_records("store")] == [
+        "sop-conflict", "patient-conflict"]
+    assert index.verify_audit()
