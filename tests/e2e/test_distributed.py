@@ -6,6 +6,7 @@ archive answers again once the supervisor has started the process again.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -14,10 +15,12 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 from tests.support.processes import VnaProcess, wait_for
+from vna.dicom.part10 import read_header
 from vna.testing.synthetic import write_ct_series
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -86,6 +89,29 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
         _store(archive.dimse_port, third[0].parent)
         wait_for(lambda: _instances(archive.base_url, "UP-1") == 80, 120, 0.2, "80 indexed")
 
+        # C-FIND and C-GET answer from PostgreSQL and S3 as they do embedded.
+        out = tmp_path / "find"
+        out.mkdir()
+        subprocess.run(["findscu", "-S", "-aec", "VNA", "-X", "-od", str(out),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=UP-1",
+                        "-k", "StudyInstanceUID", "-k", "NumberOfStudyRelatedInstances",
+                        "127.0.0.1", str(archive.dimse_port)], check=True, timeout=60)
+        found = sorted(int(pydicom.dcmread(p).NumberOfStudyRelatedInstances)
+                       for p in out.iterdir())
+        assert found == [10, 30, 40]
+        got = tmp_path / "got"
+        got.mkdir()
+        study = pydicom.dcmread(second[0]).StudyInstanceUID
+        subprocess.run(["getscu", "-S", "-aec", "VNA", "-od", str(got),
+                        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+                        "127.0.0.1", str(archive.dimse_port)], timeout=120)
+        received = {pydicom.dcmread(p).SOPInstanceUID: _data_set(p.read_bytes())
+                    for p in got.iterdir()}
+        assert len(received) == 30
+        for path in second[::7]:
+            assert received[pydicom.dcmread(path).SOPInstanceUID] == _data_set(
+                path.read_bytes())
+
         # HTTP dies and comes back with the same answers.
         _kill_and_wait_restart(archive, "dicomweb")
         wait_for(lambda: _instances(archive.base_url, "UP-1") == 80, 60, 0.2, "dicomweb back")
@@ -96,6 +122,10 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
     finally:
         archive.stop()
         _drop_database(db)
+
+
+def _data_set(raw: bytes) -> bytes:
+    return raw[read_header(io.BytesIO(raw)).dataset_offset:]
 
 
 def _drop_database(name: str) -> None:
