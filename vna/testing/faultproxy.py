@@ -28,9 +28,16 @@ _CHUNK = 64 * 1024
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with an RST (SO_LINGER 0): the peer notices at once, as on a crash."""
+    """Drop a connection at once, as on a crash.
+
+    ``shutdown`` first: a bare ``close`` does not wake a pump thread blocked in
+    ``recv`` on the same socket, and the kernel keeps the connection open until
+    that call returns. SO_LINGER 0 makes the final close an RST.
+    """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         sock.close()
 
