@@ -69,11 +69,15 @@ def cmd_run(settings: Settings) -> int:
     deps.extras["on_stored"] = relay.wake  # STOW-RS wakes the relay as C-STORE does
     registrars = _registrars()
     workers = _ingest_workers(settings)
-    dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars,
-                        shared_port=workers > 1)
-    # More ingest processes on the same port (SO_REUSEPORT): the kernel spreads
-    # associations over them, so receiving is not bound to one core's GIL.
-    extra = [_spawn_worker() for _ in range(workers - 1)]
+    # With several ingest processes on the port (SO_REUSEPORT) the kernel spreads
+    # associations over them, so receiving is not bound to one GIL; this process
+    # then keeps to indexing and HTTP, which would otherwise slow its receivers.
+    dimse = None
+    if workers == 1:
+        dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars)
+    extra = [_spawn_worker() for _ in range(workers if workers > 1 else 0)]
+    if extra:
+        _wait_for_port(settings.bind, settings.dimse_port, extra)
     http, http_thread = _serve_http(deps, stop)
     log.info("VNA running", extra={"ae_title": settings.ae_title, "dimse_port":
                                    settings.dimse_port, "http_port": settings.http_port,
@@ -88,7 +92,8 @@ def cmd_run(settings: Settings) -> int:
         proc.terminate()
     for proc in extra:
         proc.wait(timeout=15)
-    dimse.shutdown()
+    if dimse is not None:
+        dimse.shutdown()
     http.should_exit = True
     http_thread.join(timeout=10)
     relay.stop()
@@ -106,10 +111,29 @@ def _start_worklist(deps: Deps) -> Any:
     return start_hl7(deps)
 
 
+def _wait_for_port(host: str, port: int, procs: list[Any], timeout: float = 60.0) -> None:
+    """Return once the workers accept associations (they take a moment to import)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise SystemExit("an ingest worker exited at start")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise SystemExit(f"ingest workers did not listen on {host}:{port}")
+
+
 def _ingest_workers(settings: Settings) -> int:
     import os
 
-    return settings.ingest_workers if settings.ingest_workers > 0 else (os.cpu_count() or 1)
+    # One receiver per core plus one: receivers spend much of their time waiting on
+    # the network and on fsync, and the main process indexes beside them.
+    return settings.ingest_workers if settings.ingest_workers > 0 else (os.cpu_count() or 1) + 1
 
 
 def _spawn_worker() -> Any:

@@ -42,8 +42,9 @@ class Settings(BaseSettings):
     s3_secret_key: str = ""
     s3_region: str = "us-east-1"
 
-    ingest_workers: int = 1
-    """DIMSE ingest processes sharing the port (SO_REUSEPORT); 0 means one per core."""
+    ingest_workers: int = 0
+    """DIMSE ingest processes sharing the port (SO_REUSEPORT); 1 receives in the main
+    process; 0 (default) means one per core plus one."""
     max_pdu: int = 0
     """Maximum PDU length we accept; 0 means unlimited."""
     dimse_timeout: float = 60.0

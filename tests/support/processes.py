@@ -53,6 +53,8 @@ class VnaProcess:
             "VNA_DATA_DIR": str(data_dir),
             "VNA_DIMSE_PORT": str(self.dimse_port),
             "VNA_HTTP_PORT": str(self.http_port),
+            "VNA_HL7_PORT": str(free_port()),
+            "VNA_WORKLIST_PORT": str(free_port()),
             "VNA_LOG_LEVEL": "WARNING",
             **(env or {}),
         }
