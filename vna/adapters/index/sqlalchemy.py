@@ -526,7 +526,7 @@ class SqliteWriteLock:
         self._thread = threading.Lock()
         database = engine.url.database or ""
         self._fd: int | None = None
-        if database and database != ":memory:":
+        if engine.dialect.name == "sqlite" and database and database != ":memory:":
             self._fd = os.open(database + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
 
     def acquire(self) -> bool:
