@@ -19,6 +19,25 @@ log = logging.getLogger("vna")
 INDEX_QUEUE = "vna.index"
 
 
+def declare_indexer_queue(deps: Deps) -> None:
+    """Publishers make the indexer's queue exist, retrying while the broker is away."""
+    import time
+
+    from vna.ports import Unavailable
+
+    def attempt() -> None:
+        delay = 0.5
+        while True:
+            try:
+                deps.bus.declare(INDEX_QUEUE, ["instance.stored"])
+                return
+            except Unavailable:
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    threading.Thread(target=attempt, name="declare-queues", daemon=True).start()
+
+
 def subscribe_indexer(deps: Deps) -> None:
     from vna.usecases.index import index_instance
 
@@ -181,6 +200,7 @@ def cmd_ingest(settings: Settings) -> int:
     deps = build(settings)
     stop = _wait_for_signal()
     deps.bus.start()
+    declare_indexer_queue(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
     dimse = start_dimse(deps, on_stored=relay.wake, registrars=_registrars())
@@ -216,6 +236,7 @@ def cmd_dicomweb(settings: Settings) -> int:
     deps = build(settings)
     stop = _wait_for_signal()
     deps.bus.start()
+    declare_indexer_queue(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
     deps.extras["on_stored"] = relay.wake

@@ -198,6 +198,14 @@ class Bus(Protocol):
         """
         ...
 
+    def declare(self, queue: str, routing_keys: Sequence[str]) -> None:
+        """Make ``queue`` exist and receive ``routing_keys`` before anyone consumes it.
+
+        Publishers declare their consumers' queues, so that an event published
+        before its consumer first started is kept, not unroutable.
+        """
+        ...
+
     def subscribe(self, queue: str, routing_keys: Sequence[str], handler: EventHandler) -> None:
         """Deliver matching events to ``handler`` (ack after it returns)."""
         ...

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.support.processes import VnaProcess, wait_for
+from tests.support.processes import VnaProcess, delete_bus_namespace, wait_for
 from vna.dicom.part10 import read_header
 from vna.testing.synthetic import write_ct_series
 
@@ -122,6 +122,7 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
     finally:
         archive.stop()
         _drop_database(db)
+        delete_bus_namespace(backends["amqp"], env["VNA_BUS_NAMESPACE"])
 
 
 def _data_set(raw: bytes) -> bytes:

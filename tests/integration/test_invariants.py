@@ -21,7 +21,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from tests.support.processes import free_port, wait_for
+from tests.support.processes import delete_bus_namespace, free_port, wait_for
 from vna.bootstrap import Deps, build
 from vna.cli import subscribe_indexer
 from vna.config import Settings
@@ -102,6 +102,7 @@ def test_broker_outage_does_not_stop_ingest(
         assert services.ingest.index.counts()["instances"] == 200
     finally:
         services.close()
+        delete_bus_namespace(amqp_url, bus_namespace)
 
 
 def test_blob_store_outage_answers_out_of_resources(

@@ -101,3 +101,14 @@ def _port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def delete_bus_namespace(amqp_url: str, namespace: str) -> None:
+    """Remove what a test's archive declared on the shared broker."""
+    from vna.adapters.bus.rabbitmq import RabbitBus
+
+    bus = RabbitBus(amqp_url, namespace=namespace)
+    try:
+        bus.delete_namespace(["vna.index", "vna.worklist"])
+    finally:
+        bus.stop()
