@@ -109,7 +109,8 @@ def create_app(deps: Deps) -> FastAPI:
 def _include_worklist(app: FastAPI) -> None:
     """Orders, MPPS and reconciliation under /worklist (the worklist's JSON API)."""
     try:
-        from services.worklist.api import PREFIX as WORKLIST, router
+        from services.worklist.api import PREFIX as WORKLIST
+        from services.worklist.api import router
     except ImportError:
         return
     app.include_router(router, prefix=WORKLIST, tags=["Worklist"])
