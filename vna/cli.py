@@ -47,7 +47,7 @@ def subscribe_indexer(deps: Deps) -> None:
     deps.bus.subscribe(INDEX_QUEUE, ["instance.stored"], handle)
 
 
-def _serve_http(deps: Deps, stop: threading.Event) -> Any:
+def _serve_http(deps: Deps, stop: StopSignal) -> Any:
     import uvicorn
 
     from services.dicomweb.app import create_app
@@ -62,14 +62,39 @@ def _serve_http(deps: Deps, stop: threading.Event) -> Any:
     return server, thread
 
 
-def _wait_for_signal() -> threading.Event:
-    stop = threading.Event()
+class StopSignal:
+    """Set by SIGINT/SIGTERM; waited on by the main thread.
 
-    def _handler(signum: int, _frame: Any) -> None:
-        stop.set()
+    A signal handler must not take locks: ``threading.Event.set`` from a handler
+    that interrupts ``Event.wait`` in the same thread deadlocks on the Event's
+    own lock. The handler only flips a flag; ``wait`` polls it.
+    """
 
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    def __init__(self) -> None:
+        self.received = False
+
+    def handle(self, signum: int, _frame: Any) -> None:
+        self.received = True
+
+    def is_set(self) -> bool:
+        return self.received
+
+    def wait(self, timeout: float | None = None) -> bool:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.received:
+            left = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+            if left <= 0:
+                break
+            time.sleep(left)
+        return self.received
+
+
+def _wait_for_signal() -> StopSignal:
+    stop = StopSignal()
+    signal.signal(signal.SIGINT, stop.handle)
+    signal.signal(signal.SIGTERM, stop.handle)
     return stop
 
 

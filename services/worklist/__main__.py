@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import signal
-import threading
-from typing import Any
 
 from services.worklist.service import start_worklist_service
 from vna.bootstrap import build
+from vna.cli import StopSignal
 from vna.config import Settings
 from vna.logging import configure
 
@@ -24,13 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     configure(settings.log_level, settings.log_format)
     deps = build(settings)
     service = start_worklist_service(deps, dimse_port=args.dimse_port, hl7_port=args.hl7_port)
-    stop = threading.Event()
-
-    def _handler(signum: int, _frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
+    stop = StopSignal()
+    signal.signal(signal.SIGINT, stop.handle)
+    signal.signal(signal.SIGTERM, stop.handle)
     stop.wait()
     service.stop()
     deps.close()
