@@ -8,6 +8,7 @@ from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from vna.audit import chain_hash
 from vna.events import Event
 from vna.ports import Unavailable
 from vna.worklist.model import (
@@ -22,7 +23,6 @@ from vna.worklist.model import (
     RisPatient,
     now,
 )
-from vna.worklist.ports import chain_hash
 
 
 @dataclass

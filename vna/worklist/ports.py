@@ -6,13 +6,11 @@ one ``WorklistStore.transaction()``: either all of it is kept or none of it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Collection, Mapping
 from contextlib import AbstractContextManager
-from datetime import datetime
 from typing import Protocol
 
+from vna.audit import chain_hash
 from vna.events import Event
 from vna.worklist.model import (
     AuditRecord,
@@ -152,16 +150,6 @@ class IndexCorrections(Protocol):
         ...
 
     def unmerge_patients(self, merge_ref: str, *, actor: str) -> None: ...
-
-
-def chain_hash(prev_hash: str, at: datetime, action: str, outcome: str, actor: str,
-               subject: str, detail: str) -> str:
-    """SHA-256 over the previous hash and this record: editing any record breaks the chain.
-
-    The same form as the index's audit trail, so that worklist records join that one chain.
-    """
-    body = json.dumps([prev_hash, at.isoformat(), action, outcome, actor, subject, detail])
-    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def verify_chain(records: list[AuditRecord]) -> bool:

@@ -48,6 +48,7 @@ from vna.adapters.index.schema import (
     studies,
     study_patients,
 )
+from vna.audit import chain_hash
 from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
 from vna.events import Event, InstanceStored, encode_event
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
@@ -273,16 +274,13 @@ class SqlIndex:
     def record_audit(self, action: str, outcome: str, *, actor: str = "", subject: str = "",
                      detail: str = "") -> str:
         """Append to the audit trail; each record hashes its predecessor (tamper-evident)."""
-        import hashlib
-
         at = _now()
         with self._write() as conn:
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(74212)"))
             prev = conn.execute(select(audit.c.hash).order_by(audit.c.id.desc()).limit(1)
                                 ).scalar() or ""
-            body = json.dumps([prev, at.isoformat(), action, outcome, actor, subject, detail])
-            digest = hashlib.sha256(body.encode()).hexdigest()
+            digest = chain_hash(prev, at, action, outcome, actor, subject, detail)
             conn.execute(audit.insert().values(at=at, action=action, outcome=outcome,
                                                actor=actor, subject=subject, detail=detail,
                                                prev_hash=prev, hash=digest))
@@ -290,15 +288,13 @@ class SqlIndex:
 
     def verify_audit(self) -> bool:
         """True when every audit record's hash still matches its content and chain."""
-        import hashlib
-
         prev = ""
         with self.engine.connect() as conn:
             for row in conn.execute(select(audit).order_by(audit.c.id)):
                 at = row.at if row.at.tzinfo else row.at.replace(tzinfo=UTC)
-                body = json.dumps([prev, at.isoformat(), row.action, row.outcome, row.actor,
-                                   row.subject, row.detail])
-                if row.prev_hash != prev or hashlib.sha256(body.encode()).hexdigest() != row.hash:
+                if row.prev_hash != prev or chain_hash(
+                        prev, at, row.action, row.outcome, row.actor, row.subject,
+                        row.detail) != row.hash:
                     return False
                 prev = row.hash
         return True

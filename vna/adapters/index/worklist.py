@@ -32,6 +32,7 @@ from vna.adapters.index.worklist_schema import (
     wl_patients,
     wl_reconciliation,
 )
+from vna.audit import chain_hash
 from vna.events import Event, encode_event
 from vna.ports import Unavailable
 from vna.worklist.model import (
@@ -49,7 +50,6 @@ from vna.worklist.model import (
     RisPatient,
     now,
 )
-from vna.worklist.ports import chain_hash
 
 _AUDIT_LOCK = 74212
 """The advisory lock the index takes to append to the audit chain (PostgreSQL)."""
