@@ -188,12 +188,18 @@ def _spawn_worker() -> Any:
 
 def cmd_ingest_worker(settings: Settings) -> int:
     """An extra DIMSE process of ``vna run``: stores only; the main process relays."""
+    import os
+
     from services.ingest.scp import start_dimse
 
+    parent = os.getppid()
     deps = build(settings)
     stop = _wait_for_signal()
     dimse = start_dimse(deps, registrars=_registrars(), shared_port=True)
-    stop.wait()
+    # A receiver must not outlive its archive (killed -9): it would keep taking
+    # associations on the port after the archive is gone.
+    while not stop.wait(1.0) and os.getppid() == parent:
+        pass
     dimse.shutdown()
     deps.close()
     return 0
