@@ -5,13 +5,17 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset
 
 from vna import metrics
 from vna.dicom.header import extract_record, read_dataset
 from vna.events import Event, InstanceIndexed, InstanceStored
 from vna.model import BlobKey
-from vna.ports import BlobStore, Index
+from vna.ports import BlobStore, Index, IndexRecord
 
 log = logging.getLogger("vna.index")
 
@@ -20,7 +24,7 @@ def index_instance(event: Event, *, blobs: BlobStore, index: Index) -> bool:
     """Index the instance ``event`` announces. Redelivery adds nothing (True if added)."""
     if not isinstance(event, InstanceStored):
         return False
-    record = _read_record(event.blob_key, blobs, event.transfer_syntax_uid, event.size)
+    _, record = read_blob_record(event.blob_key, blobs, event.size)
     indexed = InstanceIndexed(
         sop_instance_uid=event.sop_instance_uid,
         study_instance_uid=event.study_instance_uid,
@@ -35,34 +39,30 @@ def index_instance(event: Event, *, blobs: BlobStore, index: Index) -> bool:
     return added
 
 
-def _read_record(key: BlobKey, blobs: BlobStore, ts: str, size: int):  # type: ignore[no-untyped-def]
+@contextmanager
+def seekable_blob(key: BlobKey, blobs: BlobStore) -> Iterator[BinaryIO]:
+    """The blob as a seekable file: its own path, or a local copy of a remote one,
+    so that the parser can skip bulk data instead of reading through it."""
     local = blobs.local_path(key)
     if local is not None:
         with open(local, "rb") as fp:
-            ds = read_dataset(fp)
-            return extract_record(ds, blob_key=key, size=size, transfer_syntax_uid=ts)
-    # Remote store: a seekable local copy, so that bulk data is skipped, not parsed.
+            yield fp
+        return
     with tempfile.TemporaryFile() as tmp:
         with blobs.open(key) as src:
             shutil.copyfileobj(src, tmp, 1 << 20)
         tmp.seek(0)
-        ds = read_dataset(tmp)
-        return extract_record(ds, blob_key=key, size=size, transfer_syntax_uid=ts)
+        yield tmp
 
 
-def read_blob_record(key: BlobKey, blobs: BlobStore):  # type: ignore[no-untyped-def]
-    """The index record and claim keys of any stored blob (used by reindex)."""
-    local: Path | None = blobs.local_path(key)
-    size = blobs.size(key)
-    if local is not None:
-        with open(local, "rb") as fp:
-            ds = read_dataset(fp)
-            ts = str(ds.file_meta.TransferSyntaxUID)
-            return ds, extract_record(ds, blob_key=key, size=size, transfer_syntax_uid=ts)
-    with tempfile.TemporaryFile() as tmp:
-        with blobs.open(key) as src:
-            shutil.copyfileobj(src, tmp, 1 << 20)
-        tmp.seek(0)
-        ds = read_dataset(tmp)
+def read_blob_record(key: BlobKey, blobs: BlobStore, size: int | None = None
+                     ) -> tuple[Dataset, IndexRecord]:
+    """The parsed header and the index record of a stored blob (indexer and reindex)."""
+    with seekable_blob(key, blobs) as fp:
+        # Extract while the file is open: deferred values must stay readable.
+        ds = read_dataset(fp)
         ts = str(ds.file_meta.TransferSyntaxUID)
-        return ds, extract_record(ds, blob_key=key, size=size, transfer_syntax_uid=ts)
+        record = extract_record(ds, blob_key=key,
+                                size=blobs.size(key) if size is None else size,
+                                transfer_syntax_uid=ts)
+    return ds, record
