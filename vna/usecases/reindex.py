@@ -6,10 +6,10 @@ import logging
 from dataclasses import dataclass
 
 from vna.dicom.part10 import read_header
-from vna.events import InstanceStored
 from vna.model import InstanceClaim
 from vna.ports import BlobStore, ConflictError, Index
 from vna.usecases.index import read_blob_record
+from vna.usecases.store import stored_event
 
 log = logging.getLogger("vna.reindex")
 
@@ -44,15 +44,8 @@ def reindex(*, blobs: BlobStore, index: Index) -> ReindexReport:
                 transfer_syntax_uid=header.transfer_syntax_uid, blob_key=key,
                 dataset_sha256=digest.hexdigest(), size=record.size,
             )
-            event = InstanceStored(
-                sop_instance_uid=claim.sop_instance_uid, sop_class_uid=claim.sop_class_uid,
-                study_instance_uid=claim.study_instance_uid,
-                series_instance_uid=claim.series_instance_uid,
-                transfer_syntax_uid=claim.transfer_syntax_uid, blob_key=key, size=claim.size,
-                source_ae="reindex",
-            )
             try:
-                index.claim(claim, event)
+                index.claim(claim, stored_event(claim, "reindex"))
             except ConflictError as exc:
                 log.warning("reindex: %s", exc.reason, extra={"blob_key": key})
             if index.upsert_instance(record):

@@ -96,14 +96,7 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
             metrics.INSTANCES_DUPLICATE.inc()
             return _result(claim, ClaimOutcome.DUPLICATE)
         blobs.put_file(blob_key, framed)
-        framed = None if not _exists(framed) else framed
-        event = InstanceStored(
-            sop_instance_uid=claim.sop_instance_uid, sop_class_uid=claim.sop_class_uid,
-            study_instance_uid=claim.study_instance_uid,
-            series_instance_uid=claim.series_instance_uid,
-            transfer_syntax_uid=ts, blob_key=blob_key, size=size, source_ae=received.source_ae,
-        )
-        outcome = index.claim(claim, event)
+        outcome = index.claim(claim, stored_event(claim, received.source_ae))
         if outcome is ClaimOutcome.NEW:
             metrics.INSTANCES_STORED.inc()
             metrics.BYTES_STORED.inc(size)
@@ -160,8 +153,15 @@ def _result(claim: InstanceClaim, outcome: ClaimOutcome) -> StoreResult:
     )
 
 
-def _exists(path: Path) -> bool:
-    return path.exists()
+def stored_event(claim: InstanceClaim, source_ae: str) -> InstanceStored:
+    """The ``instance.stored`` event recorded with ``claim``."""
+    return InstanceStored(
+        sop_instance_uid=claim.sop_instance_uid, sop_class_uid=claim.sop_class_uid,
+        study_instance_uid=claim.study_instance_uid,
+        series_instance_uid=claim.series_instance_uid,
+        transfer_syntax_uid=claim.transfer_syntax_uid, blob_key=claim.blob_key,
+        size=claim.size, source_ae=source_ae,
+    )
 
 
 def _unlink(path: Path) -> None:
