@@ -7,10 +7,11 @@ read: they are replaced by BulkDataURIs in the DICOM JSON (PS3.18 F.2).
 from __future__ import annotations
 
 import json
+import struct
 from typing import Any, BinaryIO
 
 import pydicom
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -33,37 +34,29 @@ def read_dataset(fp: BinaryIO) -> Dataset:
     return pydicom.dcmread(fp, defer_size=BULK_THRESHOLD, force=False)
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        return "\\".join(str(v) for v in value)
-    return str(value)
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
 def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
     """DICOM JSON of ``ds`` with bulk data (deferred or large binary) as BulkDataURIs."""
     out: dict[str, Any] = {}
+    charset = _simple_charset(ds)
     for tag in sorted(ds._dict.keys()):
         raw = ds._dict[tag]
         tag_hex = f"{tag:08X}"
         if tag.group == 0x0002 or tag.element == 0x0000:
             continue
         if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
-            vr = raw.VR or dictionary_VR(tag)
+            vr = raw.VR or _dictionary_vr(tag)
             if vr in ("OB or OW", "US or OW", "US or SS or OW"):
                 vr = "OW"
-            out[tag_hex] = {"vr": vr, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
-            continue
+            # A long sequence is deferred by the parser too, but it is never bulk
+            # data (PS3.18 F.2.7): it is read below, from the still open file.
+            if vr != "SQ":
+                out[tag_hex] = {"vr": vr, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+                continue
+        elif isinstance(raw, RawDataElement) and charset is not None:
+            fast = _fast_json(raw, charset)
+            if fast is not None:
+                out[tag_hex] = fast
+                continue
         try:
             elem: DataElement = ds[tag]
         except Exception:  # noqa: BLE001 - an undecodable element is skipped, not fatal
@@ -80,21 +73,164 @@ def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
     return out
 
 
+# The indexer turns every header into DICOM JSON: pydicom's general conversion
+# (value objects, validation, then to_json_dict) costs ~3 ms an instance, more
+# than receiving it. The common VRs are converted here straight from the raw
+# bytes with pydicom's own rules (values.py: convert_string, convert_text,
+# convert_UI, convert_AE_string, convert_PN; jsonrep.convert_to_python_number);
+# anything else, or anything unusual, goes through pydicom. tests/unit/
+# test_header_json.py holds the two to the same output over pydicom's test files.
+_SIMPLE_CHARSETS = {"": "iso8859", "ISO_IR 6": "iso8859", "ISO_IR 100": "latin_1",
+                    "ISO_IR 192": "utf_8"}
+_STRING_VRS = {"AS", "CS", "DA", "DT", "TM"}  # convert_string: default encoding
+_TEXT_VRS = {"SH", "LO", "UC"}  # convert_text: the data set's character set
+_SINGLE_TEXT_VRS = {"LT", "ST", "UT"}  # convert_single_string
+_STRUCT = {"US": ("H", 2), "SS": ("h", 2), "UL": ("L", 4), "SL": ("l", 4),
+           "FL": ("f", 4), "FD": ("d", 8)}
+
+
+def _dictionary_vr(tag: Any) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:  # a private element in implicit VR: its VR is unknown
+        return "UN"
+
+
+def _simple_charset(ds: Dataset) -> str | None:
+    """The Python codec of a single-byte or UTF-8 character set; None for others."""
+    raw = ds._dict.get(Tag(0x0008, 0x0005))
+    if raw is None:
+        return "iso8859"
+    if not isinstance(raw, RawDataElement):
+        value = raw.value
+        text = value if isinstance(value, str) else None
+    else:
+        text = (raw.value or b"").decode("ascii", "replace").strip(" \x00")
+    return _SIMPLE_CHARSETS.get(text) if text is not None else None
+
+
+def _fast_json(raw: RawDataElement, charset: str) -> dict[str, Any] | None:
+    """DICOM JSON of a raw element of a common VR; None to let pydicom do it."""
+    vr = raw.VR
+    if vr is None:
+        if raw.tag.is_private:
+            return None
+        try:
+            vr = dictionary_VR(raw.tag)
+        except KeyError:
+            return None
+    data: bytes = raw.value or b""
+    if not data:
+        return {"vr": vr} if vr not in ("SQ", "UN") else None
+    values: list[Any]
+    try:
+        if vr == "UI":
+            values = data.decode("iso8859").rstrip("\0 ").rstrip(" \x00").split("\\")
+        elif vr in _STRING_VRS:
+            values = data.decode("iso8859").rstrip(" \x00").split("\\")
+        elif vr == "AE":
+            values = [v.strip() for v in data.decode("iso8859").split("\\")]
+        elif vr in _TEXT_VRS:
+            values = [v.rstrip("\0 ") for v in data.decode(charset).split("\\")]
+        elif vr in _SINGLE_TEXT_VRS:
+            values = [data.decode(charset).rstrip("\0 ")]
+        elif vr == "PN":
+            return _fast_pn(data, charset)
+        elif vr in ("IS", "DS"):
+            return _fast_number_string(data, vr)
+        elif vr in _STRUCT:
+            code, size = _STRUCT[vr]
+            if len(data) % size:
+                return None
+            order = "<" if raw.is_little_endian else ">"
+            return {"vr": vr, "Value": list(struct.unpack(f"{order}{len(data) // size}{code}",
+                                                          data))}
+        else:
+            return None
+    except (UnicodeDecodeError, struct.error):
+        return None
+    if len(values) == 1 and not values[0]:
+        return {"vr": vr}
+    return {"vr": vr, "Value": values}
+
+
+def _fast_pn(data: bytes, charset: str) -> dict[str, Any] | None:
+    names = data.rstrip(b"\x00 ").decode(charset).split("\\")
+    if len(names) == 1 and not names[0]:
+        return {"vr": "PN"}
+    out = []
+    for name in names:
+        comps = name.split("=")
+        while comps and not comps[-1]:
+            comps.pop()
+        if not comps:
+            return None  # an empty name among several: pydicom's way
+        value = {"Alphabetic": comps[0]}
+        if len(comps) > 1:
+            value["Ideographic"] = comps[1]
+        if len(comps) > 2:
+            value["Phonetic"] = comps[2]
+        out.append(value)
+    return {"vr": "PN", "Value": out}
+
+
+def _fast_number_string(data: bytes, vr: str) -> dict[str, Any] | None:
+    items = data.decode("iso8859").rstrip(" \x00").split("\\")
+    if len(items) == 1 and not items[0].strip():
+        return {"vr": vr}
+    numbers: list[Any] = []
+    for item in items:
+        text = item.strip()
+        if not text:
+            return None
+        try:
+            numbers.append(int(text) if vr == "IS" else float(text))
+        except ValueError:
+            return None
+    return {"vr": vr, "Value": numbers}
+
+
+def _column_value(element: dict[str, Any] | None, vr: str) -> Any:
+    """A column's value from an element's DICOM JSON (as the index stores it)."""
+    values = (element or {}).get("Value")
+    if vr in _INT_VRS:
+        if not values or len(values) != 1:
+            return None  # absent, or several values where the column holds one
+        try:
+            return int(values[0])
+        except (TypeError, ValueError):
+            return None
+    if not values:
+        return ""
+    if vr == "PN":
+        return "\\".join(
+            "=".join(v.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")
+                     if k in v) if isinstance(v, dict) else str(v) for v in values)
+    return "\\".join("" if v is None else str(v) for v in values)
+
+
+_INT_VRS = {"IS", "US", "UL", "SL", "SS"}
+_ATTRIBUTE_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in ATTRIBUTES}
+
+
 def extract_record(
     ds: Dataset, *, blob_key: str, size: int, transfer_syntax_uid: str
 ) -> IndexRecord:
-    """The index's view of one instance."""
-    study = _text(ds, "StudyInstanceUID")
-    series = _text(ds, "SeriesInstanceUID")
-    sop = _text(ds, "SOPInstanceUID")
+    """The index's view of one instance: its DICOM JSON, and the query columns."""
+    metadata = dataset_to_json(ds, "")
+    uid = {k: _column_value(metadata.get(_ATTRIBUTE_TAGS[k]), "UI")
+           for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
+    base_uri = instance_path(uid["StudyInstanceUID"], uid["SeriesInstanceUID"],
+                             uid["SOPInstanceUID"])
+    for element in metadata.values():
+        if "BulkDataURI" in element:  # made relative above: the path needs the UIDs
+            element["BulkDataURI"] = base_uri + element["BulkDataURI"]
     columns: dict[Level, dict[str, Any]] = {level: {} for level in Level}
     for keyword, attr in ATTRIBUTES.items():
         if attr.computed:
             continue
-        if attr.vr in ("IS", "US", "UL", "SL", "SS"):
-            columns[attr.level][keyword] = _int(ds, keyword)
-        else:
-            columns[attr.level][keyword] = _text(ds, keyword)
+        columns[attr.level][keyword] = _column_value(metadata.get(_ATTRIBUTE_TAGS[keyword]),
+                                                     attr.vr)
     # Search forms: PN case/accent-folded, TM fixed-width for range matching.
     for level_cols in columns.values():
         for keyword in list(level_cols):
@@ -103,7 +239,6 @@ def extract_record(
                 level_cols[keyword + "_norm"] = normalize_person_name(level_cols[keyword] or "")
             elif vr == "TM":
                 level_cols[keyword + "_norm"] = stored_time(level_cols[keyword] or "")
-    metadata = dataset_to_json(ds, instance_path(study, series, sop))
     return IndexRecord(
         patient=columns[Level.PATIENT],
         study=columns[Level.STUDY],

@@ -1,0 +1,111 @@
+"""The header's fast DICOM JSON gives exactly what pydicom's own conversion gives."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+
+from vna.dicom.header import BULK_THRESHOLD, dataset_to_json, extract_record, read_dataset
+from vna.testing.synthetic import ct_instance
+
+TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+
+
+def pydicom_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
+    """The reference: every element through pydicom's value conversion and to_json_dict."""
+    out: dict[str, Any] = {}
+    for tag in sorted(ds._dict.keys()):
+        raw = ds._dict[tag]
+        tag_hex = f"{tag:08X}"
+        if tag.group == 0x0002 or tag.element == 0x0000:
+            continue
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
+            vr = raw.VR or dictionary_VR(tag)
+            vr = "OW" if vr in ("OB or OW", "US or OW", "US or SS or OW") else vr
+            if vr != "SQ":  # a sequence is never bulk data, however long
+                out[tag_hex] = {"vr": vr, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+                continue
+        try:
+            elem = ds[tag]
+        except Exception:  # noqa: BLE001
+            continue
+        if elem.VR in ("OB", "OD", "OF", "OL", "OV", "OW", "UN") and elem.value is not None \
+                and len(elem.value) > BULK_THRESHOLD:
+            out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+            continue
+        try:
+            out[tag_hex] = elem.to_json_dict(None, BULK_THRESHOLD)
+        except Exception:  # noqa: BLE001
+            continue
+    return out
+
+
+def _corpus() -> list[Path]:
+    """pydicom's own test files that parse as Part-10 (some are deliberately not)."""
+    return [p for p in sorted(TEST_FILES.rglob("*")) if p.is_file() and _read(p) is not None]
+
+
+def _read(path: Path) -> Dataset | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open(path, "rb") as fp:
+                return read_dataset(fp)
+    except Exception:  # noqa: BLE001 - not every test file is Part-10
+        return None
+
+
+def test_corpus_is_not_empty() -> None:
+    assert len(_corpus()) > 50
+
+
+@pytest.mark.parametrize("path", _corpus(), ids=lambda p: p.name)
+def test_fast_json_equals_pydicom(path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with open(path, "rb") as fp:
+            fast = dataset_to_json(read_dataset(fp), "/x")
+        with open(path, "rb") as fp:
+            reference = pydicom_json(read_dataset(fp), "/x")
+    assert json.dumps(fast, sort_keys=True) == json.dumps(reference, sort_keys=True)
+    assert not any(e.get("vr") == "SQ" and "BulkDataURI" in e for e in fast.values())
+
+
+def test_character_sets_and_values(tmp_path: Path) -> None:
+    ds = ct_instance(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5",
+                     rows=32, columns=32)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jörg=ミュラー^ヨルグ"
+    ds.StudyDescription = "Thorax  "
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.SliceThickness = "1.25"
+    ds.InstanceNumber = "7"
+    ds.Manufacturer = ""
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "rb") as fp:
+        fast = dataset_to_json(read_dataset(fp), "/x")
+    with open(path, "rb") as fp:
+        reference = pydicom_json(read_dataset(fp), "/x")
+    assert fast == reference
+    assert fast["00100010"]["Value"] == [{"Alphabetic": "Müller^Jörg",
+                                          "Ideographic": "ミュラー^ヨルグ"}]
+    assert fast["00080008"]["Value"] == ["ORIGINAL", "PRIMARY", "AXIAL"]
+    assert fast["00180050"]["Value"] == [1.25]
+    assert fast["00080070"] == {"vr": "LO"}
+    with open(path, "rb") as fp:
+        record = extract_record(read_dataset(fp), blob_key="k" * 64, size=1,
+                                transfer_syntax_uid="1.2.840.10008.1.2.1")
+    assert record.patient["PatientName"] == "Müller^Jörg=ミュラー^ヨルグ"
+    assert record.instance["InstanceNumber"] == 7
+    assert record.study["StudyDescription"] == "Thorax"
+    bulk = json.loads(record.metadata_json)["7FE00010"]["BulkDataURI"]
+    assert bulk == "/dicomweb/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5/bulkdata/7FE00010"
