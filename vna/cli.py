@@ -39,12 +39,14 @@ def declare_indexer_queue(deps: Deps) -> None:
 
 
 def subscribe_indexer(deps: Deps) -> None:
-    from vna.usecases.index import index_instance
+    from vna.ports import BatchHandler
+    from vna.usecases.index import index_instances
 
-    def handle(event: Event) -> None:
-        index_instance(event, blobs=deps.blobs, index=deps.index)
+    def handle(events: list[Event]) -> None:
+        index_instances(events, blobs=deps.blobs, index=deps.index)
 
-    deps.bus.subscribe(INDEX_QUEUE, ["instance.stored"], handle)
+    # In batches: one index transaction (one commit) for what is waiting.
+    deps.bus.subscribe(INDEX_QUEUE, ["instance.stored"], BatchHandler(handle))
 
 
 def _serve_http(deps: Deps, stop: StopSignal) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vna.model import BlobKey
+from vna.model import BlobKey, IndexRecord
 
 
 def _new_id() -> str:
@@ -52,6 +52,9 @@ class InstanceStored(Event):
     blob_key: BlobKey
     size: int
     source_ae: str = ""
+    record: IndexRecord | None = None
+    """The index's view of the instance, extracted from the header the store path
+    parsed anyway; spares the indexer reading the blob again (None: it reads it)."""
 
 
 class InstanceIndexed(Event):
@@ -65,6 +68,10 @@ class InstanceIndexed(Event):
     blob_key: BlobKey
     stored_event_id: str
     stored_at: datetime
+    patient_id: str | None = None
+    issuer_of_patient_id: str | None = None
+    accession_number: str | None = None
+    """As indexed, for the order binding (None: not carried; read the index)."""
 
 
 class PerformedInstanceRef(BaseModel):

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NewType
+from typing import Any, NewType
 
 from pydantic import BaseModel, ConfigDict
 
@@ -60,3 +61,19 @@ class StoredInstance(Frozen):
     blob_key: BlobKey
     size: int
     stored_at: datetime | None = None
+
+
+@dataclass
+class IndexRecord:
+    """Everything the index keeps of one instance, extracted from its header."""
+
+    patient: dict[str, Any]
+    study: dict[str, Any]
+    series: dict[str, Any]
+    instance: dict[str, Any]
+    metadata_json: str
+    """The instance's DICOM JSON (PS3.18 F), bulk data as BulkDataURIs."""
+    blob_key: BlobKey
+    size: int
+    transfer_syntax_uid: str
+    extra: dict[str, Any] = field(default_factory=dict)

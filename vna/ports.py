@@ -7,7 +7,6 @@ suite in ``tests/contract`` that runs over every adapter.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
@@ -15,6 +14,7 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 from vna.dicom.matching import Query
 from vna.events import Event, InstanceStored
 from vna.model import BlobKey, InstanceClaim, StoredInstance
+from vna.model import IndexRecord as IndexRecord  # re-exported: adapters import it from here
 
 
 class Unavailable(Exception):
@@ -79,22 +79,6 @@ class ConflictError(Exception):
         self.reason = reason
 
 
-@dataclass
-class IndexRecord:
-    """Everything the index keeps of one instance, extracted from its header."""
-
-    patient: dict[str, Any]
-    study: dict[str, Any]
-    series: dict[str, Any]
-    instance: dict[str, Any]
-    metadata_json: str
-    """The instance's DICOM JSON (PS3.18 F), bulk data as BulkDataURIs."""
-    blob_key: BlobKey
-    size: int
-    transfer_syntax_uid: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class Index(Protocol):
     """The queryable index, the claims that guard it, and the event outbox."""
 
@@ -151,6 +135,11 @@ class Index(Protocol):
         """
         ...
 
+    def upsert_instances(self, items: Sequence[tuple[IndexRecord, Event | None]]
+                         ) -> list[bool]:
+        """``upsert_instance`` for a batch, in one transaction; one flag per item."""
+        ...
+
     # ---- readers
     def search(self, query: Query) -> list[dict[str, Any]]:
         """Rows matching ``query`` at its level: keyword -> value (see matching)."""
@@ -186,6 +175,18 @@ class Index(Protocol):
 EventHandler = Callable[[Event], None]
 
 
+class BatchHandler:
+    """A handler of several events at once (e.g. in one transaction), given to
+    ``Bus.subscribe``; called with one event it handles a batch of one."""
+
+    def __init__(self, handle: Callable[[list[Event]], None], max_batch: int = 200) -> None:
+        self.handle = handle
+        self.max_batch = max_batch
+
+    def __call__(self, event: Event) -> None:
+        self.handle([event])
+
+
 class Bus(Protocol):
     """Publishes events durably and delivers them at least once."""
 
@@ -207,7 +208,11 @@ class Bus(Protocol):
         ...
 
     def subscribe(self, queue: str, routing_keys: Sequence[str], handler: EventHandler) -> None:
-        """Deliver matching events to ``handler`` (ack after it returns)."""
+        """Deliver matching events to ``handler`` (ack after it returns).
+
+        A ``BatchHandler`` gets what is waiting together, up to its ``max_batch``;
+        the whole batch is acknowledged after it returns, or none of it.
+        """
         ...
 
     def start(self) -> None: ...

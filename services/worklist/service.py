@@ -20,8 +20,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 from services.worklist.scp import Handlers, index_corrections, register_worklist, worklist_store
 from vna.bootstrap import Deps
 from vna.dicom import status
+from vna.ports import BatchHandler
 from vna.usecases.relay import OutboxRelay
-from vna.worklist.binding import bind_instance
+from vna.worklist.binding import bind_instances
 from vna.worklist.hl7 import Hl7Context, MllpServer, start_hl7_listener
 
 log = logging.getLogger("vna.worklist")
@@ -31,8 +32,8 @@ WORKLIST_QUEUE = "vna.worklist"
 
 def subscribe_binder(deps: Deps) -> None:
     """Bind every indexed instance to its order (or queue it for reconciliation)."""
-    deps.bus.subscribe(WORKLIST_QUEUE, ["instance.indexed"],
-                       partial(bind_instance, store=worklist_store(deps), index=deps.index))
+    deps.bus.subscribe(WORKLIST_QUEUE, ["instance.indexed"], BatchHandler(
+        partial(bind_instances, store=worklist_store(deps), index=deps.index)))
 
 
 def start_hl7(deps: Deps, port: int | None = None) -> MllpServer | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import BinaryIO
 
@@ -22,20 +22,31 @@ log = logging.getLogger("vna.index")
 
 def index_instance(event: Event, *, blobs: BlobStore, index: Index) -> bool:
     """Index the instance ``event`` announces. Redelivery adds nothing (True if added)."""
-    if not isinstance(event, InstanceStored):
-        return False
-    _, record = read_blob_record(event.blob_key, blobs, event.size)
-    indexed = InstanceIndexed(
-        sop_instance_uid=event.sop_instance_uid,
-        study_instance_uid=event.study_instance_uid,
-        series_instance_uid=event.series_instance_uid,
-        blob_key=event.blob_key,
-        stored_event_id=event.event_id,
-        stored_at=event.occurred_at,
-    )
-    added = index.upsert_instance(record, indexed)
-    if added:
-        metrics.INSTANCES_INDEXED.inc()
+    return any(index_instances([event], blobs=blobs, index=index))
+
+
+def index_instances(events: Sequence[Event], *, blobs: BlobStore, index: Index) -> list[bool]:
+    """Index a batch of ``instance.stored`` events in one transaction (one flag each;
+    other events are skipped). The record comes with the event when the store path
+    extracted it; otherwise it is read from the blob's header."""
+    items: list[tuple[IndexRecord, Event | None]] = []
+    for event in events:
+        if not isinstance(event, InstanceStored):
+            continue
+        record = event.record or read_blob_record(event.blob_key, blobs, event.size)[1]
+        items.append((record, InstanceIndexed(
+            sop_instance_uid=event.sop_instance_uid,
+            study_instance_uid=event.study_instance_uid,
+            series_instance_uid=event.series_instance_uid,
+            blob_key=event.blob_key,
+            stored_event_id=event.event_id,
+            stored_at=event.occurred_at,
+            patient_id=record.patient.get("PatientID") or "",
+            issuer_of_patient_id=record.patient.get("IssuerOfPatientID") or "",
+            accession_number=record.study.get("AccessionNumber") or "",
+        )))
+    added = index.upsert_instances(items)
+    metrics.INSTANCES_INDEXED.inc(sum(added))
     return added
 
 

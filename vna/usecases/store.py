@@ -23,10 +23,11 @@ from pydicom.dataelem import RawDataElement
 from pydicom.errors import InvalidDicomError
 
 from vna import metrics
+from vna.dicom.header import extract_record
 from vna.dicom.part10 import CHUNK, NotPart10Error, file_meta_bytes, read_header
 from vna.dicom.uids import invalid_uid_reason
 from vna.events import InstanceStored
-from vna.model import BlobKey, InstanceClaim, InstanceRef
+from vna.model import BlobKey, IndexRecord, InstanceClaim, InstanceRef
 from vna.ports import BlobStore, ClaimOutcome, ConflictError, ConflictKind, Index, Unavailable
 
 log = logging.getLogger("vna.store")
@@ -89,14 +90,14 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
     claim: InstanceClaim | None = None
     try:
         framed, blob_key, dataset_sha, size, ts = _frame(received, staging_dir)
-        claim = _validate(framed, received, blob_key, dataset_sha, size, ts)
+        claim, record = _validate(framed, received, blob_key, dataset_sha, size, ts)
         # index.claim() decides atomically; checking first spares the blob store a
         # write for an instance that is a duplicate or will be refused.
         if index.check_claim(claim) is ClaimOutcome.DUPLICATE:
             metrics.INSTANCES_DUPLICATE.inc()
             return _result(claim, ClaimOutcome.DUPLICATE)
         blobs.put_file(blob_key, framed)
-        outcome = index.claim(claim, stored_event(claim, received.source_ae))
+        outcome = index.claim(claim, stored_event(claim, received.source_ae, record))
         if outcome is ClaimOutcome.NEW:
             metrics.INSTANCES_STORED.inc()
             metrics.BYTES_STORED.inc(size)
@@ -153,14 +154,16 @@ def _result(claim: InstanceClaim, outcome: ClaimOutcome) -> StoreResult:
     )
 
 
-def stored_event(claim: InstanceClaim, source_ae: str) -> InstanceStored:
-    """The ``instance.stored`` event recorded with ``claim``."""
+def stored_event(claim: InstanceClaim, source_ae: str, record: IndexRecord | None = None
+                 ) -> InstanceStored:
+    """The ``instance.stored`` event recorded with ``claim`` (and its index record,
+    when the caller has the header parsed already)."""
     return InstanceStored(
         sop_instance_uid=claim.sop_instance_uid, sop_class_uid=claim.sop_class_uid,
         study_instance_uid=claim.study_instance_uid,
         series_instance_uid=claim.series_instance_uid,
         transfer_syntax_uid=claim.transfer_syntax_uid, blob_key=claim.blob_key,
-        size=claim.size, source_ae=source_ae,
+        size=claim.size, source_ae=source_ae, record=record,
     )
 
 
@@ -220,7 +223,8 @@ def _frame(received: Received, staging_dir: Path | None) -> tuple[Path, BlobKey,
 
 
 def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: str,
-              size: int, ts: str) -> InstanceClaim:
+              size: int, ts: str) -> tuple[InstanceClaim, IndexRecord | None]:
+    record: IndexRecord | None = None
     try:
         with open(framed, "rb") as fp:
             # Defer large values: read every element header, never pixel data.
@@ -235,19 +239,20 @@ def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: 
                 if (isinstance(elem, RawDataElement) and elem.value is None and elem.length
                         and elem.length != 0xFFFFFFFF and elem.value_tell + elem.length > size):
                     raise StoreError(StoreFailure.UNREADABLE, "data set is truncated")
+            values = _header_values(ds)
+            try:
+                # The one parse of the header on the store path also yields what the
+                # index keeps, so the indexer need not read the blob again.
+                record = extract_record(ds, blob_key=blob_key, size=size,
+                                        transfer_syntax_uid=ts)
+            except Exception:  # the indexer reads the blob instead
+                log.warning("index record not extracted on the store path", exc_info=True)
     except StoreError:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError,
             NotImplementedError, OverflowError) as exc:
         raise StoreError(StoreFailure.UNREADABLE,
                          f"data set cannot be parsed ({type(exc).__name__})") from exc
-    values: dict[str, str] = {}
-    for keyword in _HEADER_TAGS:
-        try:
-            value = ds.get(keyword, "")
-        except Exception as exc:
-            raise StoreError(StoreFailure.UNREADABLE, f"{keyword} cannot be decoded") from exc
-        values[keyword] = "" if value is None else str(value)
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         reason = invalid_uid_reason(keyword, values[keyword])
         if reason:
@@ -268,4 +273,15 @@ def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: 
         series_instance_uid=values["SeriesInstanceUID"], patient_id=values["PatientID"],
         issuer_of_patient_id=values["IssuerOfPatientID"], transfer_syntax_uid=ts,
         blob_key=blob_key, dataset_sha256=dataset_sha, size=size,
-    )
+    ), record
+
+
+def _header_values(ds: pydicom.Dataset) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for keyword in _HEADER_TAGS:
+        try:
+            value = ds.get(keyword, "")
+        except Exception as exc:
+            raise StoreError(StoreFailure.UNREADABLE, f"{keyword} cannot be decoded") from exc
+        values[keyword] = "" if value is None else str(value)
+    return values

@@ -40,20 +40,40 @@ def _json_value(attrs: Mapping[str, Any], tag: str) -> str:
 
 def bind_instance(event: Event, *, store: WorklistStore, index: Index) -> None:
     """Check one indexed instance against the orders; redelivery changes nothing."""
-    if not isinstance(event, InstanceIndexed):
-        return
+    bind_instances([event], store=store, index=index)
+
+
+def bind_instances(events: list[Event], *, store: WorklistStore, index: Index) -> None:
+    """``bind_instance`` for a batch: the orders are checked once for each distinct
+    (study, accession, patient) in it, and completeness once for each study."""
+    seen: dict[tuple[str, str, str, str], None] = {}
+    for event in events:
+        if not isinstance(event, InstanceIndexed):
+            continue
+        values = _binding_values(event, index)
+        if values is not None:
+            seen.setdefault((event.study_instance_uid, *values), None)
+    for study, accession, patient_id, issuer in seen:
+        with store.transaction() as tx:
+            bind_study(study, accession_number=accession, patient_id=patient_id,
+                       issuer_of_patient_id=issuer, tx=tx)
+    for study in dict.fromkeys(key[0] for key in seen):
+        check_study_complete(study, store=store, index=index)
+
+
+def _binding_values(event: InstanceIndexed, index: Index) -> tuple[str, str, str] | None:
+    """(accession, patient id, issuer) as indexed: from the event, or the index."""
+    if event.patient_id is not None and event.accession_number is not None:
+        return (event.accession_number, event.patient_id, event.issuer_of_patient_id or "")
     found = index.metadata(event.study_instance_uid, event.series_instance_uid,
                            event.sop_instance_uid)
     if not found:
         log.warning("indexed instance has no metadata; not bound",
                     extra={"sop_instance_uid": event.sop_instance_uid})
-        return
+        return None
     attrs = json.loads(found[0])
-    with store.transaction() as tx:
-        bind_study(event.study_instance_uid, accession_number=_json_value(attrs, _ACCESSION),
-                   patient_id=_json_value(attrs, _PATIENT_ID),
-                   issuer_of_patient_id=_json_value(attrs, _ISSUER), tx=tx)
-    check_study_complete(event.study_instance_uid, store=store, index=index)
+    return (_json_value(attrs, _ACCESSION), _json_value(attrs, _PATIENT_ID),
+            _json_value(attrs, _ISSUER))
 
 
 def _mismatch(order: Order, accession_number: str, patient_id: str, issuer: str) -> str:

@@ -57,6 +57,7 @@ class World:
     def send(self, count: int, **kw: object) -> list[Dataset]:
         sent = []
         series = generate_uid()
+        kw.setdefault("study_uid", generate_uid())  # one study, one series a call
         for i in range(count):
             ds = ct_instance(series_uid=series, instance_number=i + 1, rows=8, columns=8,
                              **kw)  # type: ignore[arg-type]

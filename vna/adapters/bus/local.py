@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from vna.events import Event, decode_event
-from vna.ports import EventHandler, Unavailable
+from vna.ports import BatchHandler, EventHandler, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,21 @@ class LocalBus:
     def _drain(self, q: _Queue) -> None:
         with q.lock:
             while q.pending and q.handler is not None:
-                event = q.pending[0]
+                handler = q.handler
+                size = handler.max_batch if isinstance(handler, BatchHandler) else 1
+                batch = [q.pending[i] for i in range(min(size, len(q.pending)))]
                 try:
-                    q.handler(event)
+                    if isinstance(handler, BatchHandler):
+                        handler.handle(batch)
+                    else:
+                        handler(batch[0])
                 except Exception as exc:
-                    # Dropped here; the outbox still holds it and will publish again.
-                    q.pending.popleft()
+                    # Dropped here; the outbox still holds them and will publish again.
+                    for _ in batch:
+                        q.pending.popleft()
                     raise Unavailable(f"{q.name}: handler failed: {exc}") from exc
-                q.pending.popleft()
+                for _ in batch:
+                    q.pending.popleft()
 
     def start(self) -> None:
         self.running = True

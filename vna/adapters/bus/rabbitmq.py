@@ -46,8 +46,8 @@ from aio_pika.abc import (
 from aio_pika.connection import make_url
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, PublishError
 
-from vna.events import decode_event
-from vna.ports import EventHandler, Unavailable
+from vna.events import Event, decode_event
+from vna.ports import BatchHandler, EventHandler, Unavailable
 
 log = logging.getLogger("vna.bus")
 T = TypeVar("T")
@@ -71,6 +71,9 @@ class _Subscription:
     consumer_tag: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     setting_up: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: list[tuple[Event, AbstractIncomingMessage]] = field(default_factory=list)
+    """Delivered to a ``BatchHandler``, not yet handled."""
+    flushing: bool = False
 
 
 class RabbitBus:
@@ -246,6 +249,12 @@ class RabbitBus:
             if handler is None:  # unsubscribed meanwhile: let another consumer have it
                 await message.nack(requeue=True)
                 return
+            if isinstance(handler, BatchHandler):
+                sub.waiting.append((event, message))
+                if not sub.flushing:
+                    sub.flushing = True
+                    self._loop.create_task(self._flush(sub))
+                return
             task = self._loop.run_in_executor(self._executor, handler, event)
             self._inflight.add(task)
             try:
@@ -267,6 +276,36 @@ class RabbitBus:
                 log.warning("ack lost with the connection", extra={"queue": name})
 
         return on_message
+
+    async def _flush(self, sub: _Subscription) -> None:
+        """Hand what has been delivered to the subscription's ``BatchHandler``,
+        batch after batch; ack each batch after it returns, requeue it if it fails."""
+        name = self.queue_name(sub.queue)
+        try:
+            while sub.waiting:
+                await asyncio.sleep(0)  # let deliveries already read join this batch
+                handler = sub.handler
+                size = handler.max_batch if isinstance(handler, BatchHandler) else 1
+                batch, sub.waiting = sub.waiting[:size], sub.waiting[size:]
+                ok = isinstance(handler, BatchHandler)
+                if isinstance(handler, BatchHandler):
+                    task = self._loop.run_in_executor(
+                        self._executor, handler.handle, [event for event, _ in batch])
+                    self._inflight.add(task)
+                    try:
+                        await task
+                    except Exception:
+                        ok = False
+                        log.exception("batch handler failed; messages requeued",
+                                      extra={"queue": name, "count": len(batch)})
+                    finally:
+                        self._inflight.discard(task)
+                for _, message in batch:
+                    with contextlib.suppress(AMQPError, ChannelInvalidStateError, OSError):
+                        # A lost ack means redelivery; handlers are idempotent.
+                        await (message.ack() if ok else message.nack(requeue=True))
+        finally:
+            sub.flushing = False
 
     async def _first_connection(self) -> None:
         """Before the first connection ever, wait for it a moment (a service that

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from sqlalchemy import (
     Engine,
     Select,
     and_,
+    bindparam,
     create_engine,
     event,
     exists,
@@ -154,6 +155,17 @@ def migrate(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+# The store path's statements, built once: building a statement costs more than
+# running it, and this runs for every instance received.
+_SELECT_CLAIM = select(claims.c.dataset_sha256).where(
+    claims.c.sop_instance_uid == bindparam("sop"))
+_SELECT_OWNER = select(study_patients.c.patient_id, study_patients.c.issuer_of_patient_id
+                       ).where(study_patients.c.study_instance_uid == bindparam("study"))
+_INSERT_STUDY_PATIENT = study_patients.insert()
+_INSERT_CLAIM = claims.insert()
+_INSERT_OUTBOX = outbox.insert()
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -190,14 +202,9 @@ class SqlIndex:
             with self._write() as conn:
                 outcome = self._claim(conn, claim)
                 if outcome is ClaimOutcome.NEW:
-                    conn.execute(
-                        outbox.insert().values(
-                            routing_key=event.routing_key,
-                            payload=encode_event(event),
-                            created_at=_now(),
-                            attempts=0,
-                        )
-                    )
+                    conn.execute(_INSERT_OUTBOX, {
+                        "routing_key": event.routing_key, "payload": encode_event(event),
+                        "created_at": _now(), "attempts": 0})
                 return outcome
         except (ConflictError, Unavailable):
             raise
@@ -210,10 +217,7 @@ class SqlIndex:
 
     def _check(self, conn: Connection, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
         """(NEW or DUPLICATE, whether the study is new); ConflictError on a conflict."""
-        existing = conn.execute(
-            select(claims.c.dataset_sha256).where(
-                claims.c.sop_instance_uid == claim.sop_instance_uid)
-        ).first()
+        existing = conn.execute(_SELECT_CLAIM, {"sop": claim.sop_instance_uid}).first()
         if existing is not None:
             if existing.dataset_sha256 == claim.dataset_sha256:
                 return ClaimOutcome.DUPLICATE, False
@@ -221,11 +225,7 @@ class SqlIndex:
                 ConflictKind.SOP_INSTANCE,
                 "SOP Instance UID already stored with different content",
             )
-        owner = conn.execute(
-            select(study_patients.c.patient_id, study_patients.c.issuer_of_patient_id).where(
-                study_patients.c.study_instance_uid == claim.study_instance_uid
-            )
-        ).first()
+        owner = conn.execute(_SELECT_OWNER, {"study": claim.study_instance_uid}).first()
         if owner is not None and (owner.patient_id, owner.issuer_of_patient_id) != (
             claim.patient_id,
             claim.issuer_of_patient_id,
@@ -250,14 +250,11 @@ class SqlIndex:
         if check_only:
             raise Unavailable("claim raced with a concurrent writer; retry")
         if new_study:
-            conn.execute(
-                study_patients.insert().values(
-                    study_instance_uid=claim.study_instance_uid,
-                    patient_id=claim.patient_id,
-                    issuer_of_patient_id=claim.issuer_of_patient_id,
-                )
-            )
-        conn.execute(claims.insert().values(**claim.model_dump(), claimed_at=_now()))
+            conn.execute(_INSERT_STUDY_PATIENT, {
+                "study_instance_uid": claim.study_instance_uid,
+                "patient_id": claim.patient_id,
+                "issuer_of_patient_id": claim.issuer_of_patient_id})
+        conn.execute(_INSERT_CLAIM, {**claim.model_dump(), "claimed_at": _now()})
         return ClaimOutcome.NEW
 
     def find_claim(self, sop_instance_uid: str) -> InstanceClaim | None:
@@ -361,64 +358,19 @@ class SqlIndex:
 
     # ------------------------------------------------------------ indexer
     def upsert_instance(self, record: IndexRecord, event: Event | None = None) -> bool:
-        patient_id = record.patient.get("PatientID") or ""
-        issuer = record.patient.get("IssuerOfPatientID") or ""
-        sop_uid = record.instance["SOPInstanceUID"]
+        return self.upsert_instances([(record, event)])[0]
+
+    def upsert_instances(self, items: Sequence[tuple[IndexRecord, Event | None]]
+                         ) -> list[bool]:
+        """Index a batch in one transaction: one commit (one fsync) for all of it,
+        and each patient, study and series looked up once per batch."""
+        if not items:
+            return []
         try:
             with self._write() as conn:
-                if conn.execute(
-                    select(instances.c.pk).where(instances.c.sop_instance_uid == sop_uid)
-                ).first():
-                    return False
-                patient_pk = self._get_or_insert(
-                    conn, patients,
-                    and_(patients.c.patient_id == patient_id,
-                         patients.c.issuer_of_patient_id == issuer),
-                    {"patient_id": patient_id, "issuer_of_patient_id": issuer,
-                     **_columns(record.patient, Level.PATIENT)},
-                )
-                study_uid = record.study["StudyInstanceUID"]
-                study_pk = self._get_or_insert(
-                    conn, studies, studies.c.study_instance_uid == study_uid,
-                    {"study_instance_uid": study_uid, "patient_pk": patient_pk,
-                     **_columns(record.study, Level.STUDY)},
-                )
-                series_uid = record.series["SeriesInstanceUID"]
-                series_pk = self._get_or_insert(
-                    conn, series, series.c.series_instance_uid == series_uid,
-                    {"series_instance_uid": series_uid, "study_pk": study_pk,
-                     **_columns(record.series, Level.SERIES)},
-                )
-                result = conn.execute(
-                    self._insert(instances)
-                    .values(
-                        sop_instance_uid=sop_uid,
-                        series_pk=series_pk,
-                        transfer_syntax_uid=record.transfer_syntax_uid,
-                        blob_key=record.blob_key,
-                        size=record.size,
-                        metadata=record.metadata_json,
-                        stored_at=_now(),
-                        **_columns(record.instance, Level.IMAGE),
-                    )
-                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                )
-                added = bool(result.rowcount)
-                if added and event is not None:
-                    conn.execute(outbox.insert().values(
-                        routing_key=event.routing_key, payload=encode_event(event),
-                        created_at=_now(), attempts=0))
-                return added
+                return _Upsert(self, conn).run(items)
         except _SAError as exc:
             raise Unavailable(f"index database: {exc}") from exc
-
-    def _get_or_insert(self, conn: Connection, table: Any, where: ColumnElement[bool],
-                       values: dict[str, Any]) -> int:
-        row = conn.execute(select(table.c.pk).where(where)).first()
-        if row is not None:
-            return int(row.pk)
-        conn.execute(self._insert(table).values(**values).on_conflict_do_nothing())
-        return int(conn.execute(select(table.c.pk).where(where)).scalar_one())
 
     # ------------------------------------------------------------ readers
     def instances(
@@ -508,6 +460,99 @@ class SqlIndex:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+class _Upsert:
+    """One batch of ``upsert_instances`` inside its write transaction."""
+
+    def __init__(self, index: SqlIndex, conn: Connection) -> None:
+        self.index = index
+        self.conn = conn
+        self.patient_pks: dict[tuple[str, str], int] = {}
+        self.study_pks: dict[str, int] = {}
+        self.series_pks: dict[str, int] = {}
+
+    def run(self, items: Sequence[tuple[IndexRecord, Event | None]]) -> list[bool]:
+        uids = [record.instance["SOPInstanceUID"] for record, _ in items]
+        present = set(self.conn.execute(
+            select(instances.c.sop_instance_uid).where(instances.c.sop_instance_uid.in_(uids))
+        ).scalars())
+        rows: list[dict[str, Any]] = []
+        events: dict[str, Event | None] = {}
+        now = _now()
+        for record, indexed in items:
+            sop_uid = record.instance["SOPInstanceUID"]
+            if sop_uid in present or sop_uid in events:
+                continue  # already indexed, or twice in this batch (redelivery)
+            events[sop_uid] = indexed
+            rows.append(dict(sop_instance_uid=sop_uid, series_pk=self._series_pk(record),
+                             transfer_syntax_uid=record.transfer_syntax_uid,
+                             blob_key=record.blob_key, size=record.size,
+                             metadata=record.metadata_json, stored_at=now,
+                             **_columns(record.instance, Level.IMAGE)))
+        added: set[str] = set()
+        for group in _same_columns(rows):
+            # RETURNING tells which rows went in: a concurrent indexer (PostgreSQL)
+            # may have added some in the meantime.
+            added.update(self.conn.execute(
+                self.index._insert(instances)
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .returning(instances.c.sop_instance_uid), group).scalars())
+        outgoing = [{"routing_key": e.routing_key, "payload": encode_event(e),
+                     "created_at": now, "attempts": 0}
+                    for uid, e in events.items() if e is not None and uid in added]
+        if outgoing:
+            self.conn.execute(outbox.insert(), outgoing)
+        result, seen = [], set()
+        for uid in uids:  # an instance twice in one batch was added once
+            result.append(uid in added and uid not in seen)
+            seen.add(uid)
+        return result
+
+    def _patient_pk(self, record: IndexRecord) -> int:
+        key = (record.patient.get("PatientID") or "",
+               record.patient.get("IssuerOfPatientID") or "")
+        if key not in self.patient_pks:
+            self.patient_pks[key] = self._get_or_insert(
+                patients, and_(patients.c.patient_id == key[0],
+                               patients.c.issuer_of_patient_id == key[1]),
+                {"patient_id": key[0], "issuer_of_patient_id": key[1],
+                 **_columns(record.patient, Level.PATIENT)})
+        return self.patient_pks[key]
+
+    def _study_pk(self, record: IndexRecord) -> int:
+        uid = record.study["StudyInstanceUID"]
+        if uid not in self.study_pks:
+            self.study_pks[uid] = self._get_or_insert(
+                studies, studies.c.study_instance_uid == uid,
+                {"study_instance_uid": uid, "patient_pk": self._patient_pk(record),
+                 **_columns(record.study, Level.STUDY)})
+        return self.study_pks[uid]
+
+    def _series_pk(self, record: IndexRecord) -> int:
+        uid = record.series["SeriesInstanceUID"]
+        if uid not in self.series_pks:
+            self.series_pks[uid] = self._get_or_insert(
+                series, series.c.series_instance_uid == uid,
+                {"series_instance_uid": uid, "study_pk": self._study_pk(record),
+                 **_columns(record.series, Level.SERIES)})
+        return self.series_pks[uid]
+
+    def _get_or_insert(self, table: Any, where: ColumnElement[bool],
+                       values: dict[str, Any]) -> int:
+        row = self.conn.execute(select(table.c.pk).where(where)).first()
+        if row is not None:
+            return int(row.pk)
+        self.conn.execute(self.index._insert(table).values(**values).on_conflict_do_nothing())
+        return int(self.conn.execute(select(table.c.pk).where(where)).scalar_one())
+
+
+def _same_columns(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """Rows grouped by their set of columns (one multi-row INSERT each)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row), []).append(row)
+    yield from groups.values()
 
 
 class SqliteWriteLock:
