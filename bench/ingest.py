@@ -40,6 +40,12 @@ ROWS = COLUMNS = 512
 # Debian's dcmtk (and Orthanc) leave Nagle's algorithm on unless told: ~40-50 ms a
 # message on loopback, which would measure the kernel's timer instead of the servers.
 NODELAY_ENV = {"TCP_NODELAY": "1"}
+# make up's backends (the Makefile's defaults; the environment overrides them).
+UP_BACKENDS = {
+    "VNA_INDEX_URL": os.environ.get("VNA_INDEX_URL", "postgresql://postgres@127.0.0.1:5432/vna"),
+    "VNA_BUS_URL": os.environ.get("VNA_BUS_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+    "VNA_REDIS_URL": os.environ.get("VNA_REDIS_URL", "redis://127.0.0.1:6379/0"),
+}
 
 
 # ---------------------------------------------------------------- processes ---------
@@ -291,6 +297,12 @@ class Server:
             stop(self.proc)
 
 
+def vna_command(command: str) -> list[str]:
+    """``vna <command>`` from this environment."""
+    script = Path(sys.executable).with_name("vna")
+    return [str(script), command] if script.exists() else [sys.executable, "-m", "vna", command]
+
+
 class VnaServer(Server):
     name = "VNA (vna run)"
     aet = "VNA"
@@ -309,14 +321,15 @@ class VnaServer(Server):
         if self.profile_to is not None:
             argv = [sys.executable, "-m", "bench.vna_profiled", str(self.profile_to)]
         else:
-            argv = [str(Path(sys.executable).with_name("vna")), "run"]
-            if not Path(argv[0]).exists():
-                argv = [sys.executable, "-m", "vna", "run"]
+            argv = vna_command("run")
         self.proc = spawn(argv, env=env, log=self.log, cwd=REPO)
-        wait_until(lambda: "VNA ready" in self.log.read_text(errors="replace"),
-                   timeout=60, proc=self.proc, what="vna run ready")
-        wait_until(lambda: echo_ok(self.aet, self.port), timeout=30, interval=0.3,
-                   proc=self.proc, what="vna echo")
+        self.wait_ready("VNA ready", "vna run")
+
+    def wait_ready(self, banner: str, what: str) -> None:
+        wait_until(lambda: banner in self.log.read_text(errors="replace"),
+                   timeout=90, proc=self.proc, what=f"{what} started")
+        wait_until(lambda: echo_ok(self.aet, self.port), timeout=60, interval=0.3,
+                   proc=self.proc, what=f"{what} echo")
 
     def metric(self, name: str) -> float | None:
         try:
@@ -356,6 +369,52 @@ class VnaServer(Server):
 
     def received(self) -> int | None:
         return getattr(self, "_received", None)
+
+
+class VnaUpServer(VnaServer):
+    """``vna up`` (as ``make up`` runs it): ingest, index, dicomweb and worklist as
+    separate processes on PostgreSQL, RabbitMQ and Redis from the environment (the
+    machine's by default), with the S3 server ``vna up`` starts itself."""
+
+    name = "VNA (vna up)"
+
+    def start(self) -> None:
+        tag = f"bench{os.getpid()}x{self.port}"
+        self.database = f"vna_{tag}"
+        self.namespace = f"vna-{tag}"
+        env = {"VNA_DATA_DIR": str(self.workdir / "data"), "VNA_DIMSE_PORT": str(self.port),
+               "VNA_HTTP_PORT": str(self.http_port), "VNA_BIND": LOOPBACK,
+               "VNA_WORKLIST_PORT": str(free_port()), "VNA_HL7_PORT": str(free_port()),
+               "VNA_INDEX_URL": f"{UP_BACKENDS['VNA_INDEX_URL'].rsplit('/', 1)[0]}/"
+                                f"{self.database}",
+               "VNA_BUS_URL": UP_BACKENDS["VNA_BUS_URL"], "VNA_BUS_NAMESPACE": self.namespace,
+               "VNA_REDIS_URL": UP_BACKENDS["VNA_REDIS_URL"], "VNA_STORAGE_URL": "",
+               **self.extra_env}
+        self.proc = spawn(vna_command("up"), env=env, log=self.log, cwd=REPO)
+        self.wait_ready("VNA up:", "vna up")
+        wait_until(lambda: self.metric("vna_index_lag") is not None, timeout=60,
+                   interval=0.3, proc=self.proc, what="vna up http")
+
+    def stop(self) -> None:
+        super().stop()
+        # What this run made on the shared backends goes with it.
+        with contextlib.suppress(Exception):
+            from vna.adapters.bus.rabbitmq import RabbitBus
+
+            bus = RabbitBus(UP_BACKENDS["VNA_BUS_URL"], namespace=self.namespace)
+            try:
+                bus.delete_namespace(["vna.index", "vna.worklist"])
+            finally:
+                bus.stop()
+        with contextlib.suppress(Exception):
+            import sqlalchemy
+
+            admin = sqlalchemy.create_engine(
+                UP_BACKENDS["VNA_INDEX_URL"].rsplit("/", 1)[0] + "/postgres",
+                isolation_level="AUTOCOMMIT")
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{self.database}"')
+            admin.dispose()
 
 
 class OrthancServer(Server):
@@ -470,7 +529,8 @@ def run_benchmark(count: int, vna_env: dict[str, str], only: set[str]) -> int:
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     study_uid = study_uid_of(files[0])
     targets: list[tuple[str, Callable[[Path], Server]]] = [
-        ("vna", lambda d: VnaServer(d, extra_env=vna_env))]
+        ("vna", lambda d: VnaServer(d, extra_env=vna_env)),
+        ("vna-up", lambda d: VnaUpServer(d, extra_env=vna_env))]
     if shutil.which("Orthanc"):
         targets.append(("orthanc", OrthancServer))
     else:
@@ -544,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="extra setting for vna run, e.g. VNA_INGEST_WORKERS=2 "
                              "(default: the embedded defaults)")
     parser.add_argument("--only", action="append", default=[],
-                        choices=["vna", "orthanc", "storescp"], help="measure only these")
+                        choices=["vna", "vna-up", "orthanc", "storescp"], help="measure only these")
     args = parser.parse_args(argv)
     vna_env = dict(item.split("=", 1) for item in args.vna_env if "=" in item)
     for tool in ("storescu", "echoscu", "storescp"):
