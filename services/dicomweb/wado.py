@@ -136,8 +136,8 @@ async def retrieve_instance(study: str, series: str, sop: str, request: Request,
 
 
 # ------------------------------------------------------------------ metadata
-def _etag(found: list[StoredInstance]) -> str:
-    digest = hashlib.sha256()
+def _etag(found: list[StoredInstance], version: int = 0) -> str:
+    digest = hashlib.sha256(f"metadata version {version}\n".encode())
     for i in found:
         digest.update(f"{i.ref.sop_instance_uid}:{i.blob_key}\n".encode())
     return '"' + digest.hexdigest()[:32] + '"'
@@ -154,11 +154,12 @@ async def _metadata(request: Request, deps: Deps, study: str, series: str | None
                     sop: str | None = None) -> Response:
     _check_json_accept(request)
     found = await _find(deps, study, series, sop)
-    etag = _etag(found)
+    # Corrections add metadata versions: the version is part of the ETag.
+    etag = _etag(found, await run_in_threadpool(deps.index.metadata_version, study))
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers=headers)
-    # The ETag is a hash of the instance set, so a cached body under it is current.
+    # The ETag hashes the instance set and version, so a cached body under it is current.
     cache_key = f"dicomweb:metadata:{study}:{series or ''}:{len(found)}:{etag}"
     body = None if sop else deps.cache.get(cache_key)
     if body is None:
