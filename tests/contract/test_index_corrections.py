@@ -266,3 +266,14 @@ def test_after_unmerge_the_survivor_id_is_a_conflict_for_the_prior_study(
     claim, event = _claim(study, "NEW3")
     with pytest.raises(ConflictError):
         index.claim(claim, event)
+
+
+def test_merge_from_the_ris_moves_images_sent_without_an_issuer(index: SqlIndex) -> None:
+    study = _study(index, patient_id="OLD4")  # the modality sent no Issuer of Patient ID
+    ref = index.merge_patients("OLD4", "HOSP", "NEW4", "HOSP", actor="hl7:RIS")
+    [row] = _studies(index, PatientID="OLD4")
+    assert (row["StudyInstanceUID"], row["PatientID"], row["IssuerOfPatientID"]) == (
+        study, "NEW4", "HOSP")
+    index.unmerge_patients(ref, actor="a")
+    [row] = _studies(index, StudyInstanceUID=study)
+    assert (row["PatientID"], row["IssuerOfPatientID"]) == ("OLD4", "")

@@ -9,8 +9,10 @@ pristine DICOM JSON (``apply_to_json``) or over a decoded data set
 from __future__ import annotations
 
 from collections.abc import Mapping
+from io import BytesIO
 from typing import Any
 
+import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -28,6 +30,10 @@ _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "
 
 class CorrectionError(ValueError):
     """A correction that cannot be applied (unknown keyword, not correctable)."""
+
+
+class UnknownStudy(LookupError):
+    """The study to correct is not in the index (yet)."""
 
 
 def check_changes(changes: Mapping[str, str]) -> dict[str, str]:
@@ -88,3 +94,20 @@ def apply_to_dataset(ds: Dataset, overlay: Mapping[str, str]) -> Dataset:
     for keyword, value in overlay.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def corrected_part10(data: bytes, overlay: Mapping[str, str]) -> bytes:
+    """A Part-10 copy of ``data`` with the overlay applied, in the same transfer syntax.
+
+    Pixel data and every other element are written back as read (compressed
+    fragments untouched); only the overlay's attributes differ. Non-ASCII values
+    switch the copy to UTF-8 (ISO_IR 192), re-encoding its other text.
+    """
+    ds = pydicom.dcmread(BytesIO(data))
+    if any(not value.isascii() for value in overlay.values()):
+        ds.decode()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    apply_to_dataset(ds, overlay)
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()

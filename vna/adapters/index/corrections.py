@@ -26,8 +26,14 @@ Patient merge (ADT^A40)
     patient-level attributes). ``patient_merges`` records the prior patient's
     row, the studies moved and the version each got, so that unmerge restores
     exactly the prior state (an ``unmerge`` version reverting those keys to what
-    they were before the merge). While a merge is active, a query on the prior
-    Patient ID matches the survivor's studies, reported under the survivor.
+    they were before the merge). The prior patient's row is kept (a patient
+    without studies is not listed), so unmerge puts the studies back under the
+    very row they left. While a merge is active, a query on the prior Patient ID
+    matches the survivor's studies, reported under the survivor. Images received
+    without an Issuer of Patient ID are taken to be in the RIS's domain (as the
+    worklist's binder takes them): merging (P, HOSP) also moves (P, "").
+    One hop only: after A -> B and B -> C, a query on A finds nothing until
+    chained merges are followed (not done yet).
 
 Store path
     A study's received identity (``study_patients``) is kept. A new instance of
@@ -61,6 +67,7 @@ from vna.adapters.index.schema import (
 )
 from vna.dicom.corrections import (
     CorrectionError,
+    UnknownStudy,
     apply_to_json,
     check_changes,
     json_text,
@@ -216,7 +223,7 @@ class Corrections:
             stmt = stmt.with_for_update()
         row = conn.execute(stmt).first()
         if row is None:
-            raise LookupError(f"study {study_uid} is not in the index")
+            raise UnknownStudy(f"study {study_uid} is not in the index")
         return row
 
     def _shown(self, conn: Connection, study_pk: int, overlay: Mapping[str, str]
@@ -338,11 +345,16 @@ class Corrections:
                 patient_merges.c.undone_at.is_(None)))).first()
             if active is not None:
                 raise CorrectionError("prior patient was already merged")
-            prior = self._patient(conn, prior_patient_id, prior_issuer)
+            # Images sent without an Issuer of Patient ID are taken to be in the RIS's
+            # domain, as the worklist's binder takes them.
+            issuers = [prior_issuer, ""] if prior_issuer and (patient_id, issuer) != (
+                prior_patient_id, "") else [prior_issuer]
+            priors = [p for p in (self._patient(conn, prior_patient_id, i) for i in issuers)
+                      if p is not None]
             survivor = self._patient(conn, patient_id, issuer)
-            moved: dict[str, int] = {}
+            moved: dict[str, tuple[int, str]] = {}
             survivor_created = False
-            if prior is not None:
+            if priors:
                 changes = {"PatientID": patient_id, "IssuerOfPatientID": issuer}
                 if survivor is not None:
                     changes.update({k: _patient_text(survivor, k) for k in PATIENT_KEYWORDS})
@@ -350,7 +362,8 @@ class Corrections:
                 else:
                     survivor_created = True
                     survivor_pk = self._patient_pk(conn, patient_id, issuer,
-                                                   _patient_columns(prior))
+                                                   _patient_columns(priors[0]))
+            for prior in priors:
                 for uid, pk in conn.execute(
                         select(studies.c.study_instance_uid, studies.c.pk)
                         .where(studies.c.patient_pk == prior.pk).order_by(studies.c.pk)).all():
@@ -359,16 +372,17 @@ class Corrections:
                     self._add_version(conn, uid, version + 1, "merge", changes,
                                       {k: json_text(shown, k) for k in changes},
                                       {**overlay, **changes}, f"merge {merge_ref}", actor)
-                    moved[uid] = version + 1
-                conn.execute(studies.update().where(studies.c.patient_pk == prior.pk)
-                             .values(patient_pk=survivor_pk))
+                    moved[uid] = (version + 1, prior.issuer_of_patient_id)
                 # The prior patient's row stays (without studies it is not listed), so
                 # that unmerge puts the studies back under the very same row.
+                conn.execute(studies.update().where(studies.c.patient_pk == prior.pk)
+                             .values(patient_pk=survivor_pk))
             conn.execute(patient_merges.insert().values(
                 merge_ref=merge_ref, prior_patient_id=prior_patient_id,
                 prior_issuer_of_patient_id=prior_issuer, patient_id=patient_id,
                 issuer_of_patient_id=issuer,
-                prior_patient=json.dumps(_patient_columns(prior) if prior is not None else None),
+                prior_patient=json.dumps({p.issuer_of_patient_id: _patient_columns(p)
+                                          for p in priors}),
                 survivor_created=int(survivor_created), studies=json.dumps(moved),
                 actor=actor[:64], merged_at=_now(), undone_at=None, undone_by=""))
             self.index._append_audit(
@@ -390,17 +404,19 @@ class Corrections:
                 raise LookupError(f"no merge {merge_ref}")
             if merge.undone_at is not None:
                 return  # already undone: a retried undo changes nothing
-            moved: dict[str, int] = json.loads(merge.studies)
+            moved: dict[str, list[Any]] = json.loads(merge.studies)
             survivor = self._patient(conn, merge.patient_id, merge.issuer_of_patient_id)
             if moved:
                 if survivor is None:
                     raise CorrectionError("the surviving patient is no longer in the index")
-                prior_columns = json.loads(merge.prior_patient) or {}
-                prior_pk = self._patient_pk(conn, merge.prior_patient_id,
-                                            merge.prior_issuer_of_patient_id, prior_columns)
-                for uid, merged_version in moved.items():
-                    self._unmerge_study(conn, merge, uid, merged_version, int(survivor.pk),
-                                        prior_pk, actor)
+                prior_columns: dict[str, dict[str, Any]] = json.loads(merge.prior_patient)
+                prior_pks = {
+                    prior_issuer: self._patient_pk(conn, merge.prior_patient_id, prior_issuer,
+                                                   columns)
+                    for prior_issuer, columns in prior_columns.items()}
+                for uid, (merged_version, prior_issuer) in moved.items():
+                    self._unmerge_study(conn, merge, uid, int(merged_version),
+                                        int(survivor.pk), prior_pks[prior_issuer], actor)
                 if merge.survivor_created:
                     self._drop_if_empty(conn, int(survivor.pk))
             conn.execute(patient_merges.update().where(patient_merges.c.merge_ref == merge_ref)
