@@ -210,7 +210,7 @@ def test_merge_finds_studies_under_the_prior_id_and_unmerge_restores(index: SqlI
     [merged] = index.study_versions(prior_a)
     assert merged["kind"] == "merge" and merged["changes"]["PatientID"] == "NEW1"
     assert merged["previous"]["PatientID"] == "OLD1"
-    assert index.audit_records("patient.merged")[0]["detail"].startswith("into=NEW1")
+    assert index.audit_records("studies.merged")[0]["detail"].startswith("into=NEW1")
     # A late instance of a merged study, sent under the old ID, is not a conflict.
     claim, event = _claim(prior_a, "OLD1")
     assert index.claim(claim, event) is ClaimOutcome.NEW
@@ -226,10 +226,10 @@ def test_merge_finds_studies_under_the_prior_id_and_unmerge_restores(index: SqlI
         assert index.metadata(uid) == docs
     assert [v["kind"] for v in index.study_versions(prior_a)] == ["merge", "unmerge"]
     assert index.metadata(prior_a, version=1) != before[prior_a]
-    assert index.audit_records("patient.unmerged")[0]["actor"] == "api:bob"
+    assert index.audit_records("studies.unmerged")[0]["actor"] == "api:bob"
     # Undoing twice changes nothing; the same patients can be merged again.
     index.unmerge_patients(ref, actor="api:bob")
-    assert len(index.audit_records("patient.unmerged")) == 1
+    assert len(index.audit_records("studies.unmerged")) == 1
     again = index.merge_patients("OLD1", "", "NEW1", "", actor="hl7:RIS")
     assert again != ref
     assert index.verify_audit()

@@ -386,7 +386,7 @@ class Corrections:
                 survivor_created=int(survivor_created), studies=json.dumps(moved),
                 actor=actor[:64], merged_at=_now(), undone_at=None, undone_by=""))
             self.index._append_audit(
-                conn, "patient.merged", "success", actor=actor,
+                conn, "studies.merged", "success", actor=actor,
                 subject=f"patient:{prior_patient_id}^{prior_issuer}",
                 detail=f"into={patient_id}^{issuer} merge={merge_ref} studies={len(moved)}")
             return merge_ref
@@ -422,7 +422,7 @@ class Corrections:
             conn.execute(patient_merges.update().where(patient_merges.c.merge_ref == merge_ref)
                          .values(undone_at=_now(), undone_by=actor[:64]))
             self.index._append_audit(
-                conn, "patient.unmerged", "success", actor=actor,
+                conn, "studies.unmerged", "success", actor=actor,
                 subject=f"patient:{merge.prior_patient_id}^{merge.prior_issuer_of_patient_id}",
                 detail=f"from={merge.patient_id}^{merge.issuer_of_patient_id} "
                        f"merge={merge_ref} studies={len(moved)}")
