@@ -277,3 +277,17 @@ def test_merge_from_the_ris_moves_images_sent_without_an_issuer(index: SqlIndex)
     index.unmerge_patients(ref, actor="a")
     [row] = _studies(index, StudyInstanceUID=study)
     assert (row["PatientID"], row["IssuerOfPatientID"]) == ("OLD4", "")
+
+
+def test_unmerge_is_refused_when_a_moved_study_was_refiled_since(index: SqlIndex) -> None:
+    moved = _study(index, patient_id="OLD5")
+    stays = _study(index, patient_id="OLD5", accession="ACC2")
+    ref = index.merge_patients("OLD5", "", "NEW5", "", actor="a")
+    index.correct_study(moved, {"PatientID": "THIRD5"}, reason="refiled", actor="a")
+    with pytest.raises(CorrectionError):
+        index.unmerge_patients(ref, actor="a")
+    # Refused as a whole: nothing was half undone.
+    [row] = _studies(index, StudyInstanceUID=stays)
+    assert row["PatientID"] == "NEW5"
+    assert [v["kind"] for v in index.study_versions(stays)] == ["merge"]
+    assert index.audit_records("studies.unmerged") == []

@@ -15,6 +15,9 @@ import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
+from email.parser import BytesParser
+from email.policy import HTTP
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +103,17 @@ def _value(obj: dict[str, Any], tag: str) -> str:
     return str(first.get("Alphabetic", "")) if isinstance(first, dict) else str(first)
 
 
+def _multipart_bodies(content_type: str, content: bytes) -> list[bytes]:
+    msg = BytesParser(policy=HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + content)
+    bodies = []
+    for part in msg.iter_parts():
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        bodies.append(payload)
+    return bodies
+
+
 def _stored(arch: Archive) -> dict[str, bytes]:
     """Every stored blob, checked against its content address."""
     assert arch.deps is not None
@@ -173,6 +187,13 @@ def test_link_corrects_and_merge_is_undone(archive: tuple[Archive, int], tmp_pat
     assert {(g.PatientID, str(g.PatientName)) for g in got} == {(PATIENT_ID, PATIENT_NAME)}
     sent = {str(i.SOPInstanceUID): i.PixelData for i in wrong}
     assert {str(g.SOPInstanceUID): g.PixelData for g in got} == sent
+    wado = api.get(f"/dicomweb/studies/{wrong_uid}",
+                   headers={"Accept": 'multipart/related; type="application/dicom"'})
+    assert wado.status_code == 200
+    parts = [dcmread(BytesIO(body)) for body in _multipart_bodies(wado.headers["content-type"],
+                                                                  wado.content)]
+    assert {(p.PatientID, p.AccessionNumber) for p in parts} == {(PATIENT_ID, "C001")}
+    assert {str(p.SOPInstanceUID): p.PixelData for p in parts} == sent
     assert _stored(arch) == stored
 
     # ---- the RIS merges the second patient into the first (ADT^A40 over MLLP)
