@@ -291,3 +291,24 @@ def test_unmerge_is_refused_when_a_moved_study_was_refiled_since(index: SqlIndex
     assert row["PatientID"] == "NEW5"
     assert [v["kind"] for v in index.study_versions(stays)] == ["merge"]
     assert index.audit_records("studies.unmerged") == []
+
+
+def test_chained_merges_are_followed_and_undone_in_reverse(index: SqlIndex) -> None:
+    a = _study(index, patient_id="CHAIN-A")
+    b = _study(index, patient_id="CHAIN-B")
+    first = index.merge_patients("CHAIN-A", "", "CHAIN-B", "", actor="a")
+    second = index.merge_patients("CHAIN-B", "", "CHAIN-C", "", actor="a")
+    for old in ("CHAIN-A", "CHAIN-B", "CHAIN-C"):
+        rows = _studies(index, PatientID=old)
+        assert {(r["StudyInstanceUID"], r["PatientID"]) for r in rows} == {
+            (a, "CHAIN-C"), (b, "CHAIN-C")}
+    with pytest.raises(CorrectionError):
+        index.merge_patients("CHAIN-C", "", "CHAIN-A", "", actor="a")  # no cycles
+    with pytest.raises(CorrectionError):
+        index.unmerge_patients(first, actor="a")  # the later merge holds its studies
+    index.unmerge_patients(second, actor="a")
+    assert {r["StudyInstanceUID"] for r in _studies(index, PatientID="CHAIN-A")} == {a, b}
+    index.unmerge_patients(first, actor="a")
+    assert [r["StudyInstanceUID"] for r in _studies(index, PatientID="CHAIN-A")] == [a]
+    assert [r["StudyInstanceUID"] for r in _studies(index, PatientID="CHAIN-B")] == [b]
+    assert _studies(index, PatientID="CHAIN-C") == []

@@ -32,8 +32,9 @@ Patient merge (ADT^A40)
     matches the survivor's studies, reported under the survivor. Images received
     without an Issuer of Patient ID are taken to be in the RIS's domain (as the
     worklist's binder takes them): merging (P, HOSP) also moves (P, "").
-    One hop only: after A -> B and B -> C, a query on A finds nothing until
-    chained merges are followed (not done yet).
+    Chains are followed (A -> B, then B -> C: a query on A finds C's studies);
+    merging into a patient that was itself merged away is refused, so there are
+    no cycles, and an unmerge is refused while a later merge holds its studies.
 
 Store path
     A study's received identity (``study_patients``) is kept. A new instance of
@@ -148,20 +149,35 @@ def versions(conn: Connection, study_uid: str) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------ queries and claims
+def _merge_chain() -> Any:
+    """Active merges, followed transitively: (prior identity, final survivor identity)."""
+    m = patient_merges.alias("m")
+    base = select(patient_merges.c.prior_patient_id, patient_merges.c.prior_issuer_of_patient_id,
+                  patient_merges.c.patient_id, patient_merges.c.issuer_of_patient_id
+                  ).where(patient_merges.c.undone_at.is_(None)).cte("merge_chain", recursive=True)
+    return base.union(
+        select(base.c.prior_patient_id, base.c.prior_issuer_of_patient_id, m.c.patient_id,
+               m.c.issuer_of_patient_id)
+        .where(and_(m.c.prior_patient_id == base.c.patient_id,
+                    m.c.prior_issuer_of_patient_id == base.c.issuer_of_patient_id,
+                    m.c.undone_at.is_(None))))
+
+
+_CHAIN = _merge_chain()
+PRIOR_COLUMNS = {"PatientID": _CHAIN.c.prior_patient_id,
+                 "IssuerOfPatientID": _CHAIN.c.prior_issuer_of_patient_id}
+
+
 def merged_into_condition(prior_conditions: list[ColumnElement[bool]]) -> ColumnElement[bool]:
-    """Patients (correlated ``patients`` row) that an active merge of a prior patient
-    matching ``prior_conditions`` (over ``patient_merges.c.prior_*``) survives into."""
+    """Patients (correlated ``patients`` row) that a prior patient matching
+    ``prior_conditions`` (over ``PRIOR_COLUMNS``) was merged into, through any
+    chain of active merges (A -> B -> C: A finds C)."""
     cond: ColumnElement[bool] = exists().where(and_(
-        patient_merges.c.undone_at.is_(None),
-        patient_merges.c.patient_id == patients.c.patient_id,
-        patient_merges.c.issuer_of_patient_id == patients.c.issuer_of_patient_id,
+        _CHAIN.c.patient_id == patients.c.patient_id,
+        _CHAIN.c.issuer_of_patient_id == patients.c.issuer_of_patient_id,
         *prior_conditions,
     ))
     return cond
-
-
-PRIOR_COLUMNS = {"PatientID": patient_merges.c.prior_patient_id,
-                 "IssuerOfPatientID": patient_merges.c.prior_issuer_of_patient_id}
 
 
 def current_identity(conn: Connection, study_uid: str) -> tuple[str, str] | None:
@@ -345,6 +361,11 @@ class Corrections:
                 patient_merges.c.undone_at.is_(None)))).first()
             if active is not None:
                 raise CorrectionError("prior patient was already merged")
+            if conn.execute(select(patient_merges.c.merge_ref).where(and_(
+                    patient_merges.c.prior_patient_id == patient_id,
+                    patient_merges.c.prior_issuer_of_patient_id == issuer,
+                    patient_merges.c.undone_at.is_(None)))).first() is not None:
+                raise CorrectionError("surviving patient was itself merged into another")
             # Images sent without an Issuer of Patient ID are taken to be in the RIS's
             # domain, as the worklist's binder takes them.
             issuers = [prior_issuer, ""] if prior_issuer and (patient_id, issuer) != (
