@@ -312,3 +312,30 @@ def test_chained_merges_are_followed_and_undone_in_reverse(index: SqlIndex) -> N
     assert [r["StudyInstanceUID"] for r in _studies(index, PatientID="CHAIN-A")] == [a]
     assert [r["StudyInstanceUID"] for r in _studies(index, PatientID="CHAIN-B")] == [b]
     assert _studies(index, PatientID="CHAIN-C") == []
+
+
+def test_a_study_arriving_under_a_merged_away_id_follows_the_merge(index: SqlIndex) -> None:
+    own = _study(index, patient_id="NEW6", patient_name="SURVIVOR^SUE")
+    ref = index.merge_patients("OLD6", "", "NEW6", "", actor="hl7:RIS")  # no images yet
+    late = _study(index, patient_id="OLD6", patient_name="TEMP^SUE")
+    rows = _studies(index, PatientID="OLD6")
+    assert {(r["StudyInstanceUID"], r["PatientID"], r["PatientName"]) for r in rows} == {
+        (own, "NEW6", "SURVIVOR^SUE"), (late, "NEW6", "SURVIVOR^SUE")}
+    assert _shown(index, late, "PatientID") == {"NEW6"}
+    assert [p["PatientID"] for p in index.search(build_query(Level.PATIENT, {}))] == ["NEW6"]
+    assert [v["kind"] for v in index.study_versions(late)] == ["merge"]
+    index.unmerge_patients(ref, actor="a")
+    [row] = _studies(index, PatientID="OLD6")
+    assert (row["StudyInstanceUID"], row["PatientName"]) == (late, "TEMP^SUE")
+    assert index.metadata(late) == index.metadata(late, version=0)
+
+
+def test_a_late_study_without_issuer_follows_a_merge_from_the_ris(index: SqlIndex) -> None:
+    ref = index.merge_patients("OLD7", "HOSP", "NEW7", "HOSP", actor="hl7:RIS")
+    late = _study(index, patient_id="OLD7")
+    [row] = _studies(index, StudyInstanceUID=late)
+    assert (row["PatientID"], row["IssuerOfPatientID"]) == ("NEW7", "HOSP")
+    index.unmerge_patients(ref, actor="a")
+    [row] = _studies(index, StudyInstanceUID=late)
+    assert (row["PatientID"], row["IssuerOfPatientID"]) == ("OLD7", "")
+    assert index.search(build_query(Level.PATIENT, {"PatientID": "NEW7"})) == []

@@ -40,7 +40,9 @@ Store path
     A study's received identity (``study_patients``) is kept. A new instance of
     a corrected or merged study is accepted when it carries either the received
     identity or the current one, and is shown corrected; any other Patient ID is
-    still a conflict (design invariant 5).
+    still a conflict (design invariant 5). A new study that arrives under a
+    merged-away Patient ID is filed under the survivor as the indexer adds it
+    (``after_upsert``) and joins the merge's record, so unmerge takes it back.
 
 Every step is audited through the index's hash chain, in the same transaction.
 """
@@ -187,6 +189,15 @@ def current_identity(conn: Connection, study_uid: str) -> tuple[str, str] | None
         .select_from(studies.join(patients))
         .where(studies.c.study_instance_uid == study_uid)).first()
     return (row.patient_id, row.issuer_of_patient_id) if row else None
+
+
+def after_upsert(index: SqlIndex, conn: Connection, patient_id: str, study_uid: str) -> None:
+    """The indexer's hook: a study arriving under a merged-away Patient ID follows the
+    merge (one indexed look-up when there is none)."""
+    if conn.execute(select(patient_merges.c.merge_ref).where(and_(
+            patient_merges.c.prior_patient_id == patient_id,
+            patient_merges.c.undone_at.is_(None))).limit(1)).first() is not None:
+        Corrections(index).follow_merges(conn, study_uid)
 
 
 # ------------------------------------------------------------------ writing
@@ -388,12 +399,8 @@ class Corrections:
                 for uid, pk in conn.execute(
                         select(studies.c.study_instance_uid, studies.c.pk)
                         .where(studies.c.patient_pk == prior.pk).order_by(studies.c.pk)).all():
-                    version, overlay = overlay_of(conn, uid)
-                    shown = self._shown(conn, pk, overlay)
-                    self._add_version(conn, uid, version + 1, "merge", changes,
-                                      {k: json_text(shown, k) for k in changes},
-                                      {**overlay, **changes}, f"merge {merge_ref}", actor)
-                    moved[uid] = (version + 1, prior.issuer_of_patient_id)
+                    moved[uid] = (self._merge_version(conn, uid, pk, changes, merge_ref,
+                                                      actor), prior.issuer_of_patient_id)
                 # The prior patient's row stays (without studies it is not listed), so
                 # that unmerge puts the studies back under the very same row.
                 conn.execute(studies.update().where(studies.c.patient_pk == prior.pk)
@@ -414,6 +421,75 @@ class Corrections:
 
         ref: str = self._run(work)
         return ref
+
+    def _merge_version(self, conn: Connection, uid: str, study_pk: int,
+                       changes: Mapping[str, str], merge_ref: str, actor: str) -> int:
+        version, overlay = overlay_of(conn, uid)
+        shown = self._shown(conn, study_pk, overlay)
+        self._add_version(conn, uid, version + 1, "merge", changes,
+                          {k: json_text(shown, k) for k in changes},
+                          {**overlay, **changes}, f"merge {merge_ref}", actor)
+        return version + 1
+
+    def follow_merges(self, conn: Connection, study_instance_uid: str) -> None:
+        """File a study that arrived under a merged-away patient under the survivor.
+
+        Called by the indexer in its transaction. The study joins the merge's record,
+        so that undoing the merge takes it back too. Chains are followed one merge
+        at a time; an issuer-less Patient ID that more than one merge could mean is
+        left where it is.
+        """
+        for _ in range(32):
+            row = conn.execute(
+                select(studies.c.pk, patients.c.pk.label("patient_pk"),
+                       patients.c.patient_id, patients.c.issuer_of_patient_id)
+                .select_from(studies.join(patients))
+                .where(studies.c.study_instance_uid == study_instance_uid)).first()
+            if row is None:
+                return
+            candidates = conn.execute(select(patient_merges).where(and_(
+                patient_merges.c.undone_at.is_(None),
+                patient_merges.c.prior_patient_id == row.patient_id))).all()
+            exact = [m for m in candidates
+                     if m.prior_issuer_of_patient_id == row.issuer_of_patient_id]
+            loose = [m for m in candidates if m.prior_issuer_of_patient_id
+                     and not row.issuer_of_patient_id
+                     and (m.patient_id, m.issuer_of_patient_id) != (row.patient_id, "")]
+            found = exact or loose
+            if len(found) != 1:
+                return
+            self._join_merge(conn, found[0], row, study_instance_uid)
+
+    def _join_merge(self, conn: Connection, merge: Any, row: Any, uid: str) -> None:
+        survivor = self._patient(conn, merge.patient_id, merge.issuer_of_patient_id)
+        changes = {"PatientID": merge.patient_id,
+                   "IssuerOfPatientID": merge.issuer_of_patient_id}
+        if survivor is not None:
+            changes.update({k: _patient_text(survivor, k) for k in PATIENT_KEYWORDS})
+            survivor_pk = int(survivor.pk)
+        else:
+            prior = conn.execute(select(patients).where(patients.c.pk == row.patient_pk)).one()
+            survivor_pk = self._patient_pk(conn, merge.patient_id, merge.issuer_of_patient_id,
+                                           _patient_columns(prior))
+        actor = merge.actor
+        version = self._merge_version(conn, uid, row.pk, changes, merge.merge_ref, actor)
+        conn.execute(studies.update().where(studies.c.pk == row.pk)
+                     .values(patient_pk=survivor_pk))
+        moved = json.loads(merge.studies)
+        moved[uid] = (version, row.issuer_of_patient_id)
+        priors = json.loads(merge.prior_patient)
+        if row.issuer_of_patient_id not in priors:
+            prior = conn.execute(select(patients).where(patients.c.pk == row.patient_pk)).one()
+            priors[row.issuer_of_patient_id] = _patient_columns(prior)
+        conn.execute(patient_merges.update()
+                     .where(patient_merges.c.merge_ref == merge.merge_ref)
+                     .values(studies=json.dumps(moved), prior_patient=json.dumps(priors)))
+        self.index._append_audit(
+            conn, "studies.merged", "success", actor="index",
+            subject=f"study:{uid}",
+            detail=f"arrived as {row.patient_id}^{row.issuer_of_patient_id} after merge="
+                   f"{merge.merge_ref}; filed under "
+                   f"{merge.patient_id}^{merge.issuer_of_patient_id}")
 
     def unmerge_patients(self, merge_ref: str, *, actor: str) -> None:
         def work(conn: Connection) -> None:

@@ -416,6 +416,8 @@ class SqlIndex:
                     .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
                 )
                 added = bool(result.rowcount)
+                if added:
+                    corrections.after_upsert(self, conn, patient_id, study_uid)
                 if added and event is not None:
                     conn.execute(outbox.insert().values(
                         routing_key=event.routing_key, payload=encode_event(event),
