@@ -301,6 +301,19 @@ def study_metadata_as_of(study: str, version: int, request: Request) -> Response
     return Response("[" + ",".join(docs) + "]", media_type="application/dicom+json")
 
 
+@router.get("/studies/{study}/instances/{sop}/pristine")
+def pristine_instance(study: str, sop: str, request: Request) -> Response:
+    """The instance's bytes exactly as received (retrieval elsewhere sends corrections)."""
+    deps: Deps = request.app.state.deps
+    found = deps.index.instances(study_instance_uid=study, sop_instance_uid=sop)
+    if not found:
+        raise HTTPException(404, detail="no such instance")
+    with deps.blobs.open(found[0].blob_key) as fp:
+        data = fp.read()
+    return Response(data, media_type="application/dicom",
+                    headers={"ETag": f'"{found[0].blob_key}"'})
+
+
 def install(app: FastAPI, deps: Deps) -> None:
     """Mount the API under ``/worklist`` on ``app`` (which serves ``deps``)."""
     app.state.deps = deps

@@ -194,6 +194,11 @@ def test_link_corrects_and_merge_is_undone(archive: tuple[Archive, int], tmp_pat
                                                                   wado.content)]
     assert {(p.PatientID, p.AccessionNumber) for p in parts} == {(PATIENT_ID, "C001")}
     assert {str(p.SOPInstanceUID): p.PixelData for p in parts} == sent
+    for image in wrong:
+        pristine = api.get(f"/worklist/studies/{wrong_uid}/instances/"
+                           f"{image.SOPInstanceUID}/pristine")
+        assert hashlib.sha256(pristine.content).hexdigest() in stored
+        assert dcmread(BytesIO(pristine.content)).PatientID == TYPO_ID
     assert _stored(arch) == stored
 
     # ---- the RIS merges the second patient into the first (ADT^A40 over MLLP)

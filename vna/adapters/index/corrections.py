@@ -18,7 +18,8 @@ Retrieved bytes
     the stored transfer syntax, pixel data untouched), as dcm4chee and Orthanc
     do: a PACS that receives the images must file them under the right patient.
     The stored blob (content address = SHA-256 of the received bytes) stays
-    pristine; ``?pristine=true`` is not offered yet.
+    pristine and is served as received by
+    ``GET /worklist/studies/{study}/instances/{sop}/pristine``.
 
 Patient merge (ADT^A40)
     The prior patient's studies move under the surviving patient (each gets a
