@@ -6,7 +6,7 @@ suite in ``tests/contract`` that runs over every adapter.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
@@ -158,8 +158,46 @@ class Index(Protocol):
         study_instance_uid: str,
         series_instance_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        *,
+        version: int | None = None,
     ) -> list[str]:
-        """Stored DICOM JSON of the matching instances, in instance order."""
+        """DICOM JSON of the matching instances, in instance order.
+
+        The stored (pristine) JSON with the study's current metadata version laid
+        over it; ``version=N`` shows it as of version N (0: as received).
+        """
+        ...
+
+    # ---- corrections (issue #4): metadata versions and patient merges
+    def correct_study(
+        self, study_instance_uid: str, changes: Mapping[str, str], *, reason: str, actor: str
+    ) -> str:
+        """Set attributes (DICOM keyword -> value) on the study as a new metadata
+        version; returns ``"<study uid>@<version>"``. The stored bytes are not touched."""
+        ...
+
+    def merge_patients(
+        self,
+        prior_patient_id: str,
+        prior_issuer_of_patient_id: str,
+        patient_id: str,
+        issuer_of_patient_id: str,
+        *,
+        actor: str,
+    ) -> str:
+        """Move the prior patient's studies under the surviving one; returns a merge ref."""
+        ...
+
+    def unmerge_patients(self, merge_ref: str, *, actor: str) -> None:
+        """Undo a merge exactly (a no-op when it was already undone)."""
+        ...
+
+    def study_versions(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        """The study's metadata versions, oldest first (empty: never corrected)."""
+        ...
+
+    def metadata_version(self, study_instance_uid: str) -> int:
+        """The study's current metadata version (0: as received)."""
         ...
 
     def counts(self) -> dict[str, int]:

@@ -11,7 +11,9 @@ must decode them itself until transcoding lands.
 
 Responses stream from the blob store one chunk at a time; metadata is the
 stored DICOM JSON joined as strings, cached per study/series under an ETag
-computed from the instance set.
+computed from the instance set and the study's metadata version. Instances of
+a corrected study are sent as a corrected copy (``vna.usecases.corrected``);
+the stored bytes are never rewritten.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from services.dicomweb.multipart import write_parts
 from vna.bootstrap import Deps
 from vna.dicom.uids import is_valid_uid
 from vna.model import BlobKey, StoredInstance
+from vna.usecases.corrected import Overlays, corrected_copy
 
 router = APIRouter()
 
@@ -101,17 +104,24 @@ def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -> Resp
         if other:
             raise HTTPException(406, _NOT_TRANSCODED + "the stored syntax " + ", ".join(other))
     boundary = uuid.uuid4().hex
-    items = [(i.blob_key, i.transfer_syntax_uid) for i in found]
+    items = [(i.blob_key, i.transfer_syntax_uid, i.ref.study_instance_uid) for i in found]
     blobs = deps.blobs
+    overlay_of = Overlays(deps.index)
 
-    def blob(key: BlobKey) -> Iterator[bytes]:
+    def blob(key: BlobKey, study: str) -> Iterator[bytes]:
+        overlay = overlay_of(study)
+        if overlay:
+            # A corrected study: its current metadata version over the stored bytes.
+            yield corrected_copy(key, overlay, blobs=blobs)
+            return
         with blobs.open(key) as fp:
             while chunk := fp.read(_CHUNK):
                 yield chunk
 
     # Sync generators: Starlette iterates them in a worker thread, so blocking
     # reads from the blob store do not stall the event loop.
-    parts = ((f"{APPLICATION_DICOM}; transfer-syntax={ts}", blob(key)) for key, ts in items)
+    parts = ((f"{APPLICATION_DICOM}; transfer-syntax={ts}", blob(key, study))
+             for key, ts, study in items)
     return StreamingResponse(
         write_parts(boundary, parts),
         media_type=f'multipart/related; type="{APPLICATION_DICOM}"; boundary={boundary}')
@@ -136,8 +146,8 @@ async def retrieve_instance(study: str, series: str, sop: str, request: Request,
 
 
 # ------------------------------------------------------------------ metadata
-def _etag(found: list[StoredInstance]) -> str:
-    digest = hashlib.sha256()
+def _etag(found: list[StoredInstance], version: int = 0) -> str:
+    digest = hashlib.sha256(f"metadata version {version}\n".encode())
     for i in found:
         digest.update(f"{i.ref.sop_instance_uid}:{i.blob_key}\n".encode())
     return '"' + digest.hexdigest()[:32] + '"'
@@ -154,11 +164,12 @@ async def _metadata(request: Request, deps: Deps, study: str, series: str | None
                     sop: str | None = None) -> Response:
     _check_json_accept(request)
     found = await _find(deps, study, series, sop)
-    etag = _etag(found)
+    # Corrections add metadata versions: the version is part of the ETag.
+    etag = _etag(found, await run_in_threadpool(deps.index.metadata_version, study))
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers=headers)
-    # The ETag is a hash of the instance set, so a cached body under it is current.
+    # The ETag hashes the instance set and version, so a cached body under it is current.
     cache_key = f"dicomweb:metadata:{study}:{series or ''}:{len(found)}:{etag}"
     body = None if sop else deps.cache.get(cache_key)
     if body is None:

@@ -23,6 +23,7 @@ from typing import Any
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -50,6 +51,7 @@ from vna.dicom.matching import Level, QueryError, build_query
 from vna.dicom.uids import is_valid_uid
 from vna.model import StoredInstance
 from vna.ports import Unavailable
+from vna.usecases.corrected import Overlays, corrected_copy
 from vna.usecases.search import search
 
 log = logging.getLogger("vna.qr")
@@ -413,12 +415,16 @@ def _install_stored_file_sending() -> None:
 
 def _sub_operations(instances: list[StoredInstance], event: evt.Event, *, deps: Deps
                     ) -> Iterator[tuple[int, Dataset | None]]:
-    """One pending (status, StoredFile) per instance; temporary copies are removed."""
+    """One pending (status, StoredFile) per instance; temporary copies are removed.
+
+    Instances of a corrected study are sent as a corrected copy (issue #4).
+    """
+    overlay_of = Overlays(deps.index)
     for inst in instances:
         if event.is_cancelled:
             yield status.CANCEL, None
             return
-        local = _local_path(inst, deps)
+        local = _local_path(inst, deps, overlay_of)
         path, temporary = local if local is not None else (None, False)
         try:
             # An unreadable object is still yielded: its send fails and is counted.
@@ -428,9 +434,17 @@ def _sub_operations(instances: list[StoredInstance], event: evt.Event, *, deps: 
                 path.unlink(missing_ok=True)
 
 
-def _local_path(inst: StoredInstance, deps: Deps) -> tuple[Path, bool] | None:
+def _local_path(inst: StoredInstance, deps: Deps, overlay_of: Overlays | None = None
+                ) -> tuple[Path, bool] | None:
     """A local path of the stored file and whether it is a temporary copy."""
     try:
+        overlay = overlay_of(inst.ref.study_instance_uid) if overlay_of else {}
+        if overlay:
+            fd, name = tempfile.mkstemp(prefix="vna-corrected-", suffix=".dcm",
+                                        dir=_temp_dir(deps))
+            with os.fdopen(fd, "wb") as out:
+                out.write(corrected_copy(inst.blob_key, overlay, blobs=deps.blobs))
+            return Path(name), True
         path = deps.blobs.local_path(inst.blob_key)
         if path is not None:
             return path, False
@@ -440,7 +454,7 @@ def _local_path(inst: StoredInstance, deps: Deps) -> tuple[Path, bool] | None:
         with os.fdopen(fd, "wb") as out, deps.blobs.open(inst.blob_key) as src:
             shutil.copyfileobj(src, out, 1 << 20)
         return Path(name), True
-    except (KeyError, OSError, Unavailable) as exc:
+    except (KeyError, OSError, Unavailable, ValueError, InvalidDicomError) as exc:
         log.warning("retrieve: stored object unreadable (%s)", type(exc).__name__,
                     extra={"blob_key": inst.blob_key})
         return None

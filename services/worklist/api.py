@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request, Response
 from pydantic import BaseModel
 
 from services.worklist.scp import index_corrections, worklist_store
 from vna.bootstrap import Deps
+from vna.dicom.corrections import CorrectionError, UnknownStudy
 from vna.ports import Unavailable
 from vna.worklist.binding import link_study, reject_study
 from vna.worklist.model import (
@@ -191,6 +192,8 @@ def merge(body: MergeRequest, wl: Worklist, actor: Actor = "api") -> PatientMerg
             wl.corrections.unmerge_patients(ref, actor=who)
         if isinstance(exc, OrderError):
             raise _refuse(exc) from exc
+        if isinstance(exc, CorrectionError):
+            raise HTTPException(409, detail=f"index refused the merge: {exc}") from exc
         if isinstance(exc, Unavailable):
             raise _unavailable() from exc
         raise
@@ -207,7 +210,10 @@ def undo(merge_id: str, wl: Worklist, actor: Actor = "api") -> PatientMerge:
     except Unavailable as exc:
         raise _unavailable() from exc
     if wl.corrections is not None and undone.index_merge_ref:
-        wl.corrections.unmerge_patients(undone.index_merge_ref, actor=who)
+        try:
+            wl.corrections.unmerge_patients(undone.index_merge_ref, actor=who)
+        except CorrectionError as exc:
+            raise HTTPException(409, detail=f"index refused the unmerge: {exc}") from exc
     return undone
 
 
@@ -245,6 +251,10 @@ def link(item_id: str, body: LinkRequest, wl: Worklist, actor: Actor = "api"
                           actor=f"api:{actor}")
     except OrderError as exc:
         raise _refuse(exc) from exc
+    except CorrectionError as exc:
+        raise HTTPException(422, detail=f"index refused the correction: {exc}") from exc
+    except UnknownStudy as exc:
+        raise HTTPException(409, detail=f"study not indexed yet: {exc}") from exc
     except Unavailable as exc:
         raise _unavailable() from exc
 
@@ -268,6 +278,40 @@ def get_mpps(sop_instance_uid: str, wl: Worklist) -> dict[str, object]:
     if found is None:
         raise HTTPException(404, detail="no such MPPS instance")
     return mpps_summary(found)
+
+
+# ------------------------------------------------------------------ metadata versions
+@router.get("/studies/{study}/versions")
+def study_versions(study: str, request: Request) -> list[dict[str, Any]]:
+    """The study's metadata versions (corrections, merges, unmerges), oldest first."""
+    deps: Deps = request.app.state.deps
+    return deps.index.study_versions(study)
+
+
+@router.get("/studies/{study}/versions/{version}/metadata")
+def study_metadata_as_of(study: str, version: int, request: Request) -> Response:
+    """The study's DICOM JSON as of ``version`` (0: as received)."""
+    deps: Deps = request.app.state.deps
+    try:
+        docs = deps.index.metadata(study, version=version)
+    except LookupError as exc:
+        raise HTTPException(404, detail=str(exc)) from exc
+    if not docs:
+        raise HTTPException(404, detail="no such study")
+    return Response("[" + ",".join(docs) + "]", media_type="application/dicom+json")
+
+
+@router.get("/studies/{study}/instances/{sop}/pristine")
+def pristine_instance(study: str, sop: str, request: Request) -> Response:
+    """The instance's bytes exactly as received (retrieval elsewhere sends corrections)."""
+    deps: Deps = request.app.state.deps
+    found = deps.index.instances(study_instance_uid=study, sop_instance_uid=sop)
+    if not found:
+        raise HTTPException(404, detail="no such instance")
+    with deps.blobs.open(found[0].blob_key) as fp:
+        data = fp.read()
+    return Response(data, media_type="application/dicom",
+                    headers={"ETag": f'"{found[0].blob_key}"'})
 
 
 def install(app: FastAPI, deps: Deps) -> None:

@@ -32,6 +32,7 @@ from services.worklist.service import start_hl7, subscribe_binder
 from tests.support.archive import Archive
 from tests.support.processes import free_port, wait_for
 from vna.dicom import status
+from vna.dicom.matching import Level, build_query
 from vna.events import Event, StudyComplete
 from vna.testing.hl7msgs import ack_code, order_message
 from vna.testing.synthetic import ct_instance
@@ -223,6 +224,13 @@ def test_a_day_of_a_department(archive: tuple[Archive, int, list[Event]]) -> Non
                 assert all(str(i.PatientID) == order.patient_id for i in images)
             else:
                 assert binding.study_instance_uid in intended
+                # Linked: the index shows the order's patient and accession (issue #4).
+                [row] = arch.deps.index.search(build_query(
+                    Level.STUDY, {"StudyInstanceUID": binding.study_instance_uid},
+                    return_keys=["PatientID", "AccessionNumber"]))
+                assert (row["PatientID"], row["AccessionNumber"]) == (
+                    order.patient_id, order.accession_number)
+                assert arch.deps.index.metadata_version(binding.study_instance_uid) == 1
             stored = arch.deps.index.instances(study_instance_uid=binding.study_instance_uid)
             assert len(stored) == IMAGES_PER_STUDY
     assert arch.deps.index.verify_audit()

@@ -179,9 +179,11 @@ def link_study(item_id: str, order_id: str, *, store: WorklistStore,
         "AccessionNumber": order.accession_number,
     }
     if patient is not None:
-        changes.update(PatientName=patient.patient_name,
-                       PatientBirthDate=patient.patient_birth_date,
-                       PatientSex=patient.patient_sex)
+        # What the RIS does not know is not erased from the images.
+        demographics = {"PatientName": patient.patient_name,
+                        "PatientBirthDate": patient.patient_birth_date,
+                        "PatientSex": patient.patient_sex}
+        changes.update({k: v for k, v in demographics.items() if v})
     version = ""
     if corrections is not None:
         version = corrections.correct_study(item.study_instance_uid, changes,

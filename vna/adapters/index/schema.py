@@ -143,3 +143,44 @@ Index("ix_studies_study_date", studies.c.study_date)
 Index("ix_studies_accession", studies.c.accession_number)
 Index("ix_patients_name", patients.c.patient_name_norm)
 Index("ix_series_modality", series.c.modality)
+
+# ---- corrections (revision 0003_corrections): metadata versions and patient merges.
+# A study's metadata version N holds the whole overlay (DICOM keyword -> value) in
+# force from N on; the stored bytes and the instances' stored JSON stay pristine.
+study_versions = Table(
+    "study_versions",
+    metadata,
+    Column("pk", Integer, primary_key=True, autoincrement=True),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("changes", Text, nullable=False),
+    Column("previous", Text, nullable=False),
+    Column("attributes", Text, nullable=False),
+    Column("reason", Text, nullable=False, default=""),
+    Column("actor", String(64), nullable=False, default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("study_instance_uid", "version", name="uq_study_version"),
+)
+
+patient_merges = Table(
+    "patient_merges",
+    metadata,
+    Column("merge_ref", String(32), primary_key=True),
+    Column("prior_patient_id", String(64), nullable=False),
+    Column("prior_issuer_of_patient_id", String(64), nullable=False, default=""),
+    Column("patient_id", String(64), nullable=False),
+    Column("issuer_of_patient_id", String(64), nullable=False, default=""),
+    Column("prior_patient", Text, nullable=False),
+    Column("survivor_created", Integer, nullable=False, default=0),
+    Column("studies", Text, nullable=False),
+    Column("actor", String(64), nullable=False, default=""),
+    Column("merged_at", DateTime(timezone=True), nullable=False),
+    Column("undone_at", DateTime(timezone=True), nullable=True),
+    Column("undone_by", String(64), nullable=False, default=""),
+)
+
+Index("ix_patient_merges_prior", patient_merges.c.prior_patient_id,
+      patient_merges.c.prior_issuer_of_patient_id)
+Index("ix_patient_merges_survivor", patient_merges.c.patient_id,
+      patient_merges.c.issuer_of_patient_id)

@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
+from vna.adapters.index import corrections
 from vna.adapters.index.schema import (
     audit,
     claims,
@@ -50,6 +51,7 @@ from vna.adapters.index.schema import (
     study_patients,
 )
 from vna.audit import chain_hash
+from vna.dicom.corrections import apply_to_json
 from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
 from vna.events import Event, InstanceStored, encode_event
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
@@ -229,7 +231,11 @@ class SqlIndex:
         if owner is not None and (owner.patient_id, owner.issuer_of_patient_id) != (
             claim.patient_id,
             claim.issuer_of_patient_id,
+        ) and corrections.current_identity(conn, claim.study_instance_uid) != (
+            claim.patient_id, claim.issuer_of_patient_id,
         ):
+            # Received under one identity, corrected or merged to another: either is
+            # the study's own; anything else is another patient.
             raise ConflictError(
                 ConflictKind.PATIENT, "Study Instance UID belongs to another Patient ID"
             )
@@ -271,16 +277,22 @@ class SqlIndex:
     def record_audit(self, action: str, outcome: str, *, actor: str = "", subject: str = "",
                      detail: str = "") -> str:
         """Append to the audit trail; each record hashes its predecessor (tamper-evident)."""
-        at = _now()
         with self._write() as conn:
-            if self.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(74212)"))
-            prev = conn.execute(select(audit.c.hash).order_by(audit.c.id.desc()).limit(1)
-                                ).scalar() or ""
-            digest = chain_hash(prev, at, action, outcome, actor, subject, detail)
-            conn.execute(audit.insert().values(at=at, action=action, outcome=outcome,
-                                               actor=actor, subject=subject, detail=detail,
-                                               prev_hash=prev, hash=digest))
+            return self._append_audit(conn, action, outcome, actor=actor, subject=subject,
+                                      detail=detail)
+
+    def _append_audit(self, conn: Connection, action: str, outcome: str, *, actor: str = "",
+                      subject: str = "", detail: str = "") -> str:
+        """``record_audit`` inside the caller's write transaction."""
+        at = _now()
+        if self.dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(74212)"))
+        prev = conn.execute(select(audit.c.hash).order_by(audit.c.id.desc()).limit(1)
+                            ).scalar() or ""
+        digest = chain_hash(prev, at, action, outcome, actor, subject, detail)
+        conn.execute(audit.insert().values(at=at, action=action, outcome=outcome,
+                                           actor=actor, subject=subject, detail=detail,
+                                           prev_hash=prev, hash=digest))
         return digest
 
     def verify_audit(self) -> bool:
@@ -398,7 +410,9 @@ class SqlIndex:
         if sop_instance_uid:
             stmt = stmt.where(instances.c.sop_instance_uid == sop_instance_uid)
         if patient_id is not None:
-            stmt = stmt.where(patients.c.patient_id == patient_id)
+            stmt = stmt.where(or_(patients.c.patient_id == patient_id,
+                                  corrections.merged_into_condition(
+                                      [corrections.PRIOR_COLUMNS["PatientID"] == patient_id])))
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).all()
         return [
@@ -422,6 +436,8 @@ class SqlIndex:
         study_instance_uid: str,
         series_instance_uid: str | None = None,
         sop_instance_uid: str | None = None,
+        *,
+        version: int | None = None,
     ) -> list[str]:
         stmt = (
             select(instances.c.metadata)
@@ -435,7 +451,32 @@ class SqlIndex:
         if sop_instance_uid:
             stmt = stmt.where(instances.c.sop_instance_uid == sop_instance_uid)
         with self.engine.connect() as conn:
-            return [r[0] for r in conn.execute(stmt)]
+            docs = [r[0] for r in conn.execute(stmt)]
+            _, overlay = corrections.overlay_of(conn, study_instance_uid, version)
+        return corrections.overlay_docs(docs, overlay)
+
+    # ------------------------------------------------------------ corrections
+    def correct_study(self, study_instance_uid: str, changes: Mapping[str, str], *,
+                      reason: str, actor: str) -> str:
+        return corrections.Corrections(self).correct_study(
+            study_instance_uid, changes, reason=reason, actor=actor)
+
+    def merge_patients(self, prior_patient_id: str, prior_issuer_of_patient_id: str,
+                       patient_id: str, issuer_of_patient_id: str, *, actor: str) -> str:
+        return corrections.Corrections(self).merge_patients(
+            prior_patient_id, prior_issuer_of_patient_id, patient_id, issuer_of_patient_id,
+            actor=actor)
+
+    def unmerge_patients(self, merge_ref: str, *, actor: str) -> None:
+        corrections.Corrections(self).unmerge_patients(merge_ref, actor=actor)
+
+    def study_versions(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return corrections.versions(conn, study_instance_uid)
+
+    def metadata_version(self, study_instance_uid: str) -> int:
+        with self.engine.connect() as conn:
+            return corrections.overlay_of(conn, study_instance_uid)[0]
 
     def search(self, query: Query) -> list[dict[str, Any]]:
         return _Search(self, query).run()
@@ -491,6 +532,8 @@ class _Upsert:
                              metadata=record.metadata_json, stored_at=now,
                              **_columns(record.instance, Level.IMAGE)))
         added: set[str] = set()
+        owners = {uid: (record.patient.get("PatientID") or "", record.study["StudyInstanceUID"])
+                  for (record, _), uid in zip(items, uids, strict=True)}
         for group in _same_columns(rows):
             # RETURNING tells which rows went in: a concurrent indexer (PostgreSQL)
             # may have added some in the meantime.
@@ -498,6 +541,8 @@ class _Upsert:
                 self.index._insert(instances)
                 .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
                 .returning(instances.c.sop_instance_uid), group).scalars())
+        for patient_id, study_uid in dict.fromkeys(owners[uid] for uid in added):
+            corrections.after_upsert(self.index, self.conn, patient_id, study_uid)
         outgoing = [{"routing_key": e.routing_key, "payload": encode_event(e),
                      "created_at": now, "attempts": 0}
                     for uid, e in events.items() if e is not None and uid in added]
@@ -664,7 +709,7 @@ class _Search:
         table = _TABLE_OF_LEVEL[attr.level]
         return table.c[column_name(keyword + ("_norm" if norm else ""))]
 
-    def _condition(self, m: Match) -> ColumnElement[bool]:
+    def _condition(self, m: Match, column: Any = None) -> ColumnElement[bool]:
         if m.keyword == "ModalitiesInStudy":
             modalities = list(m.values)
             cond: ColumnElement[bool] = (
@@ -674,7 +719,8 @@ class _Search:
             return exists().where(and_(series.c.study_pk == studies.c.pk, cond))
         attr = ATTRIBUTES[m.keyword]
         folded = attr.vr in ("PN", "TM")
-        col: ColumnElement[str] = self._column(m.keyword, norm=folded)
+        col: ColumnElement[str] = (self._column(m.keyword, norm=folded) if column is None
+                                   else column)
         if m.kind is MatchKind.SINGLE:
             return bool_eq(col, m.values[0])
         if m.kind is MatchKind.LIST:
@@ -724,11 +770,25 @@ class _Search:
         cols = [self.base.c.pk.label("_pk")]
         cols += [self._column(k).label(k) for k in wanted]
         stmt: Select[Any] = select(*cols).select_from(self._from())
+        identity: list[Match] = []
         for m in q.matches:
             if ATTRIBUTES.get(m.keyword) and _level_index(ATTRIBUTES[m.keyword].level) > \
                     _level_index(self.level):
                 continue
+            if m.keyword in corrections.PRIOR_COLUMNS:
+                identity.append(m)
+                continue
             stmt = stmt.where(self._condition(m))
+        if identity:
+            # A merged patient's former identity finds the survivor's studies.
+            stmt = stmt.where(or_(
+                and_(*[self._condition(m) for m in identity]),
+                corrections.merged_into_condition(
+                    [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword])
+                     for m in identity])))
+        if self.level is Level.PATIENT:
+            # Left without studies by a correction or merge: not a patient of the archive.
+            stmt = stmt.where(exists().where(studies.c.patient_pk == patients.c.pk))
         stmt = stmt.order_by(self.base.c.pk)
         if q.limit is not None:
             stmt = stmt.limit(q.limit)
@@ -790,8 +850,11 @@ class _Search:
     def _representative_metadata(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Attach one instance's DICOM JSON per row, for return keys not kept as columns."""
         pks = [r["_pk"] for r in rows]
+        stmt: Select[Any]
         if self.level is Level.IMAGE:
-            stmt = select(instances.c.pk, instances.c.metadata).where(instances.c.pk.in_(pks))
+            stmt = select(instances.c.pk, instances.c.metadata, studies.c.study_instance_uid
+                          ).select_from(instances.join(series).join(studies)
+                                        ).where(instances.c.pk.in_(pks))
         else:
             owner = {Level.SERIES: series.c.pk, Level.STUDY: studies.c.pk,
                      Level.PATIENT: patients.c.pk}[self.level]
@@ -800,13 +863,17 @@ class _Search:
                 .select_from(instances.join(series).join(studies).join(patients))
                 .where(owner.in_(pks)).group_by(owner).subquery()
             )
-            stmt = select(first.c.owner, instances.c.metadata).join(
-                instances, instances.c.pk == first.c.ipk
-            )
-        found = {int(pk): meta for pk, meta in conn.execute(stmt)}
+            stmt = select(first.c.owner, instances.c.metadata, studies.c.study_instance_uid
+                          ).select_from(first.join(instances, instances.c.pk == first.c.ipk)
+                                        .join(series).join(studies))
+        found: dict[int, tuple[str, str]] = {
+            int(r[0]): (str(r[1]), str(r[2])) for r in conn.execute(stmt)}
+        corrected = corrections.overlays(conn, sorted({uid for _, uid in found.values()}))
         for row in rows:
-            meta = found.get(row["_pk"])
-            row["_metadata"] = json.loads(meta) if meta else {}
+            meta, uid = found.get(row["_pk"], ("", ""))
+            doc = json.loads(meta) if meta else {}
+            row["_metadata"] = apply_to_json(doc, corrected[uid][1]) if uid in corrected \
+                else doc
 
 
 def bool_eq(col: Any, value: str) -> ColumnElement[bool]:
