@@ -9,6 +9,7 @@ that name no file and have no extension are the viewer's own routes
 
 from __future__ import annotations
 
+import logging
 import mimetypes
 from pathlib import Path
 
@@ -23,6 +24,7 @@ _MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "te
                 ".map": "application/json", ".woff2": "font/woff2", ".svg": "image/svg+xml",
                 ".html": "text/html; charset=utf-8"}
 _NO_CACHE = {"Cache-Control": "no-cache"}
+log = logging.getLogger("vna.dicomweb.viewer")
 
 
 def _media_type(path: Path) -> str:
@@ -35,6 +37,8 @@ def viewer_router(directory: Path) -> APIRouter:
     router = APIRouter(include_in_schema=False)
     root = directory.resolve()
     config = app_config_js()
+    if installed(root) is None:
+        log.warning("no viewer in %s: %s", root, HOW_TO_ADD)
 
     def not_installed() -> Response:
         return PlainTextResponse(HOW_TO_ADD + "\n", status_code=404, headers=_NO_CACHE)

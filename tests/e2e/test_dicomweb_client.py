@@ -37,6 +37,8 @@ from vna.testing.synthetic import ct_instance
 pytestmark = pytest.mark.e2e
 
 PATIENT = "DWC-E2E"
+# Everything here goes through HTTP: one DIMSE receiver (not one per core) starts faster.
+ONE_RECEIVER = {"VNA_INGEST_WORKERS": "1"}
 
 
 def _jpeg_instance(study: str, series: str) -> tuple[Dataset, bytes]:
@@ -85,14 +87,14 @@ def _value(obj: dict[str, Any], tag: str) -> Any:
 def archive(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VnaProcess]:
     """`vna run` (embedded) or `vna up` (PostgreSQL, RabbitMQ, Redis, S3)."""
     if request.param == "run":
-        process = VnaProcess(tmp_path / "data").start()
+        process = VnaProcess(tmp_path / "data", env=ONE_RECEIVER).start()
         try:
             yield process
         finally:
             process.stop()
     else:
         backends = request.getfixturevalue("backends")
-        with vna_up(tmp_path / "data", backends) as process:
+        with vna_up(tmp_path / "data", backends, env=ONE_RECEIVER) as process:
             yield process
 
 
@@ -192,3 +194,7 @@ def test_every_resource_round_trips(archive: VnaProcess) -> None:
         thumb = httpx.get(f"{root}{path}/thumbnail", headers={"Accept": "image/png"},
                           timeout=30)
         assert thumb.status_code == 200 and thumb.content.startswith(b"\x89PNG")
+
+    # The viewer's configuration is served by this world's HTTP process too.
+    config = httpx.get(f"{archive.base_url}/viewer/app-config.js", timeout=10)
+    assert config.status_code == 200 and '"/dicomweb"' in config.text

@@ -107,7 +107,9 @@ def test_viewer_lists_and_renders_a_stored_ct(tmp_path: Path, browser: Any) -> N
     assert storescu, "dcmtk is missing: apt-get install -y dcmtk"
     study_uid = generate_uid()
     _write_disc_series(tmp_path / "ct", 5, study_uid)
-    archive = VnaProcess(tmp_path / "data", env={"VNA_VIEWER_DIR": str(viewer)}).start()
+    # One DIMSE receiver (not one per core): five slices need no more, and it starts faster.
+    archive = VnaProcess(tmp_path / "data", env={"VNA_VIEWER_DIR": str(viewer),
+                                                 "VNA_INGEST_WORKERS": "1"}).start()
     context = browser.new_context(viewport={"width": 1024, "height": 768})
     # The onboarding tour would dim the viewport; a returning user has seen it.
     context.add_init_script(

@@ -130,8 +130,8 @@ def drop_postgres_database(name: str,
 
 
 @contextmanager
-def vna_up(data_dir: Path, backends: dict[str, str], timeout: float = 120.0
-           ) -> Iterator[VnaProcess]:
+def vna_up(data_dir: Path, backends: dict[str, str], timeout: float = 120.0,
+           env: dict[str, str] | None = None) -> Iterator[VnaProcess]:
     """``vna up`` on the machine's backends (``backends`` fixture of tests/e2e), with a
     database and a bus namespace of its own, both removed afterwards; S3 is the
     ``rclone serve s3`` that ``vna up`` starts itself."""
@@ -142,6 +142,7 @@ def vna_up(data_dir: Path, backends: dict[str, str], timeout: float = 120.0
         "VNA_BUS_NAMESPACE": f"vna-e2e-{uuid.uuid4().hex[:8]}",
         "VNA_REDIS_URL": backends["redis"],
         "VNA_STORAGE_URL": "",
+        **(env or {}),
     }
     archive = VnaProcess(data_dir, command="up", env=env)
     try:
