@@ -5,7 +5,8 @@ for the site root: webpack's public path, ``window.PUBLIC_URL`` and the links of
 ``index.html``, the stylesheets and ``manifest.json`` all say ``/``. Installing
 fetches the pinned tarball with ``npm pack`` (or takes one copied in by hand),
 checks it against the pinned integrity, unpacks ``dist/`` and moves those
-root-relative URLs under ``/viewer/``. Nothing is built, so no Node toolchain
+root-relative URLs under ``/viewer/``, and gzips its main scripts beside them.
+Nothing is built, so no Node toolchain
 beyond ``npm pack`` is needed, and not even that with ``--tarball``.
 
 ``app_config_js`` is the ``app-config.js`` the archive serves in place of the
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import json
 import re
@@ -41,6 +43,8 @@ VIEWER_PATH = "/viewer"
 DICOMWEB_PATH = "/dicomweb"
 MARKER = ".vna-viewer.json"
 """Written last into an installed viewer directory: what is installed and for which path."""
+INSTALL_LAYOUT = "2"
+"""What an install does to the build (2: rebased and gzipped); another one reinstalls."""
 
 HOW_TO_ADD = (
     f"The viewer ({VIEWER_PACKAGE}@{VIEWER_VERSION}) is not installed, so {VIEWER_PATH} "
@@ -68,7 +72,7 @@ def is_current(directory: Path) -> bool:
     """True when ``directory`` holds the pinned version rebased to ``VIEWER_PATH``."""
     marker = installed(directory)
     return marker is not None and marker.get("integrity") == VIEWER_INTEGRITY and \
-        marker.get("base") == VIEWER_PATH + "/"
+        marker.get("base") == VIEWER_PATH + "/" and marker.get("layout") == INSTALL_LAYOUT
 
 
 def verify_integrity(tarball: Path, integrity: str | None = None) -> None:
@@ -147,6 +151,31 @@ def rebase(dist: Path, base: str = VIEWER_PATH + "/") -> None:
         manifest.write_text(_MANIFEST_URL.sub(lambda m: m.group(1) + base, manifest.read_text()))
 
 
+_COMPRESSIBLE = {".js", ".css", ".wasm", ".json", ".svg"}
+
+
+def precompress(dist: Path, min_size: int = 1024) -> int:
+    """Write ``<file>.gz`` beside the build's top-level scripts, styles and wasm.
+
+    The archive sends them to browsers that accept gzip (about a quarter of the
+    bytes over a hospital network). Subfolders (onnxruntime, the microscopy
+    viewer: loaded only by tools that need them) are left as they are.
+    Returns the number of files compressed.
+    """
+    count = 0
+    for path in sorted(dist.iterdir()):
+        if path.suffix not in _COMPRESSIBLE or not path.is_file():
+            continue
+        data = path.read_bytes()
+        if len(data) < min_size:
+            continue
+        packed = gzip.compress(data, compresslevel=6, mtime=0)
+        if len(packed) < len(data) * 9 // 10:
+            path.with_name(path.name + ".gz").write_bytes(packed)
+            count += 1
+    return count
+
+
 def install(directory: Path, tarball: Path | None = None, *, force: bool = False) -> bool:
     """Install the pinned viewer into ``directory``; False when it already was there.
 
@@ -169,9 +198,11 @@ def install(directory: Path, tarball: Path | None = None, *, force: bool = False
             archive.extractall(unpacked, members=members, filter="data")
         dist = unpacked / "package" / "dist"
         rebase(dist)
+        precompress(dist)
         (dist / MARKER).write_text(json.dumps({  # last: its presence means complete
             "package": VIEWER_PACKAGE, "version": VIEWER_VERSION,
-            "integrity": VIEWER_INTEGRITY, "base": VIEWER_PATH + "/"}, indent=1) + "\n")
+            "integrity": VIEWER_INTEGRITY, "base": VIEWER_PATH + "/",
+            "layout": INSTALL_LAYOUT}, indent=1) + "\n")
         old = work / "old"
         if directory.exists():
             directory.rename(old)

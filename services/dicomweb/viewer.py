@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import mimetypes
+import re
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -24,12 +25,35 @@ _MEDIA_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".css": "te
                 ".map": "application/json", ".woff2": "font/woff2", ".svg": "image/svg+xml",
                 ".html": "text/html; charset=utf-8"}
 _NO_CACHE = {"Cache-Control": "no-cache"}
+# Files named by their content hash never change: browsers may keep them for good.
+_HASHED = re.compile(r"(^|\.)[0-9a-f]{16}\.[a-z0-9]+$")
+_IMMUTABLE = "public, max-age=31536000, immutable"
 log = logging.getLogger("vna.dicomweb.viewer")
 
 
 def _media_type(path: Path) -> str:
     return _MEDIA_TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or \
         "application/octet-stream"
+
+
+def _send_file(request: Request, path: Path) -> Response:
+    """``path`` (its ``.gz`` sibling when the client takes gzip), with caching headers
+    and 304 for a matching ``If-None-Match``."""
+    headers = {"Cache-Control": _IMMUTABLE if _HASHED.search(path.name) else "no-cache",
+               "Vary": "Accept-Encoding"}
+    send = path
+    packed = path.with_name(path.name + ".gz")
+    if "gzip" in request.headers.get("accept-encoding", "") and packed.is_file():
+        send = packed
+    response = FileResponse(send, media_type=_media_type(path), headers=headers,
+                            stat_result=send.stat())
+    if send is packed:
+        response.headers["Content-Encoding"] = "gzip"
+    etag = response.headers.get("etag", "")
+    wanted = request.headers.get("if-none-match", "")
+    if etag and etag in (t.strip() for t in wanted.split(",")):
+        return Response(status_code=304, headers={"ETag": etag, **headers})
+    return response
 
 
 def viewer_router(directory: Path) -> APIRouter:
@@ -59,12 +83,10 @@ def viewer_router(directory: Path) -> APIRouter:
         if not target.is_relative_to(root):
             return PlainTextResponse("not found\n", status_code=404)
         if target.is_file():
-            headers = _NO_CACHE if target.suffix == ".html" else None
-            return FileResponse(target, media_type=_media_type(target), headers=headers)
+            return _send_file(request, target)
         if "." in Path(path).name:
             return PlainTextResponse("not found\n", status_code=404)
         # One of the viewer's routes: the single page application answers it.
-        return FileResponse(root / "index.html", media_type=_MEDIA_TYPES[".html"],
-                            headers=_NO_CACHE)
+        return _send_file(request, root / "index.html")
 
     return router

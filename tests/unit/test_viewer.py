@@ -38,6 +38,7 @@ FILES = {
     "manifest.json": '{"icons": [{"src": "/assets/a.png"}], "start_url": "/"}',
     "app-config.js": "window.config = {};",
     "codec.wasm": "\0asm",
+    "chunk.bundle.0123456789abcdef.js": "const a = 'repetitive';\n" * 200,
     "assets/a.png": "png",
 }
 
@@ -159,3 +160,24 @@ def test_routes_serve_the_build_config_and_deep_links(tmp_path: Path,
     assert client.head("/viewer/assets/a.png").status_code == 200
     assert client.get("/viewer/no-such.bundle.js").status_code == 404
     assert client.get("/viewer/%2e%2e/app.tgz").status_code == 404
+
+
+def test_scripts_go_gzipped_and_hashed_names_are_cached_for_good(tmp_path: Path,
+                                                                  fake_package: Path) -> None:
+    target = tmp_path / "dist"
+    install(target, fake_package)
+    assert (target / "chunk.bundle.0123456789abcdef.js.gz").is_file()
+    assert not (target / "app.bundle.abc.js.gz").exists()  # too small to bother
+    client = _client(target)
+    url = "/viewer/chunk.bundle.0123456789abcdef.js"
+    packed = client.get(url, headers={"Accept-Encoding": "gzip"})
+    assert packed.headers["content-encoding"] == "gzip"
+    assert packed.headers["content-type"].startswith("text/javascript")
+    assert packed.text == FILES["chunk.bundle.0123456789abcdef.js"]
+    assert "immutable" in packed.headers["cache-control"]
+    plain = client.get(url, headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.text == packed.text
+    again = client.get(url, headers={"Accept-Encoding": "gzip",
+                                     "If-None-Match": packed.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    assert client.get("/viewer/app.bundle.abc.js").headers["cache-control"] == "no-cache"
