@@ -43,8 +43,8 @@ VIEWER_PATH = "/viewer"
 DICOMWEB_PATH = "/dicomweb"
 MARKER = ".vna-viewer.json"
 """Written last into an installed viewer directory: what is installed and for which path."""
-INSTALL_LAYOUT = "2"
-"""What an install does to the build (2: rebased and gzipped); another one reinstalls."""
+INSTALL_LAYOUT = "3"
+"""What an install does to the build (3: rebased, configured, gzipped); another one reinstalls."""
 
 HOW_TO_ADD = (
     f"The viewer ({VIEWER_PACKAGE}@{VIEWER_VERSION}) is not installed, so {VIEWER_PATH} "
@@ -198,6 +198,9 @@ def install(directory: Path, tarball: Path | None = None, *, force: bool = False
             archive.extractall(unpacked, members=members, filter="data")
         dist = unpacked / "package" / "dist"
         rebase(dist)
+        # The package's own points at OHIF's public demo server; the archive serves
+        # this one at the same URL, and a copy served by another web server gets it too.
+        (dist / "app-config.js").write_text(app_config_js())
         precompress(dist)
         (dist / MARKER).write_text(json.dumps({  # last: its presence means complete
             "package": VIEWER_PACKAGE, "version": VIEWER_VERSION,

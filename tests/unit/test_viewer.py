@@ -78,6 +78,7 @@ def test_install_rebases_the_build_under_viewer(tmp_path: Path, fake_package: Pa
     manifest = json.loads((target / "manifest.json").read_text())
     assert manifest["icons"][0]["src"] == "/viewer/assets/a.png"
     assert manifest["start_url"] == "/viewer/"
+    assert (target / "app-config.js").read_text() == app_config_js()
     assert is_current(target)
     assert installed(target) == json.loads((target / MARKER).read_text())
     # Installed already: nothing is fetched or unpacked again.
