@@ -190,7 +190,9 @@ def test_every_resource_round_trips(archive: VnaProcess) -> None:
         study, compressed.SeriesInstanceUID, compressed.SOPInstanceUID, [1],
         media_types=("image/jpeg",))
     assert Image.open(io.BytesIO(frame_jpeg)).format == "JPEG"
-    for path in (f"/studies/{study}", f"/studies/{study}/series/{explicit.SeriesInstanceUID}"):
+    series_path = f"/studies/{study}/series/{explicit.SeriesInstanceUID}"
+    for path in (f"/studies/{study}", series_path,
+                 f"{series_path}/instances/{explicit.SOPInstanceUID}"):
         thumb = httpx.get(f"{root}{path}/thumbnail", headers={"Accept": "image/png"},
                           timeout=30)
         assert thumb.status_code == 200 and thumb.content.startswith(b"\x89PNG")
