@@ -9,7 +9,11 @@ VNA_INDEX_URL ?= postgresql://postgres@127.0.0.1:5432/vna
 VNA_BUS_URL   ?= amqp://guest:guest@127.0.0.1:5672/
 VNA_REDIS_URL ?= redis://127.0.0.1:6379/0
 
-.PHONY: install run up test test-unit lint bench clean
+# The OHIF viewer served at /viewer (pinned in vna/viewer.py; needs npm once, see README).
+VNA_VIEWER_DIR ?= viewer/dist
+export VNA_VIEWER_DIR
+
+.PHONY: install viewer viewer-optional run up test test-unit lint bench clean
 
 install: $(STAMP)
 
@@ -19,17 +23,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	@touch $(STAMP)
 
+## Install the OHIF viewer (@ohif/app's prebuilt dist) into $(VNA_VIEWER_DIR); fails without npm
+viewer: install
+	$(BIN)/python -m vna.viewer install --dir $(VNA_VIEWER_DIR)
+
+# The same, but a missing npm or registry only prints how to add the viewer.
+viewer-optional: install
+	@$(BIN)/python -m vna.viewer install --dir $(VNA_VIEWER_DIR) --optional
+
 ## Start the archive on embedded defaults: DIMSE VNA@127.0.0.1:11112, HTTP 127.0.0.1:8080
-run: install
+run: install viewer-optional
 	$(BIN)/vna run
 
 ## Start ingest, index and dicomweb as separate processes on PostgreSQL, RabbitMQ, Redis, S3
-up: install
+up: install viewer-optional
 	VNA_INDEX_URL=$(VNA_INDEX_URL) VNA_BUS_URL=$(VNA_BUS_URL) VNA_REDIS_URL=$(VNA_REDIS_URL) \
 	  $(BIN)/vna up
 
 ## Unit, contract, integration and end-to-end tests (needs dcmtk and the backends; see README)
-test: install
+test: install viewer-optional
 	@command -v storescu >/dev/null || { echo "dcmtk is missing: apt-get install -y dcmtk"; \
 	  [ -n "$$VNA_TEST_ALLOW_SKIP" ] || exit 1; }
 	$(BIN)/python -m pytest -q -rs tests

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     qido_max_results: int = 1000
+    viewer_dir: Path = Path("./viewer/dist")
+    """Where ``make viewer`` installed the OHIF viewer served at ``/viewer``."""
     cors_origins: str = ""
     """Origins allowed to call the HTTP API from a browser: 'https://a,https://b' or '*'."""
     """QIDO-RS answers at most this many matches; more get a 299 Warning (PS3.18 8.3.4.4)."""

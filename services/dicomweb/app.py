@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.dicomweb import qido, rendered, stow, wado
 from services.dicomweb.common import PREFIX
+from services.dicomweb.viewer import viewer_router
 from vna import metrics
 from vna.bootstrap import Deps
 from vna.ports import Unavailable
@@ -102,6 +103,7 @@ def create_app(deps: Deps) -> FastAPI:
     app.include_router(wado.router, prefix=PREFIX, tags=["WADO-RS"])
     app.include_router(rendered.router, prefix=PREFIX, tags=["WADO-RS rendered"])
     app.include_router(stow.router, prefix=PREFIX, tags=["STOW-RS"])
+    app.include_router(viewer_router(deps.settings.viewer_dir))
     _include_worklist(app)
     return app
 

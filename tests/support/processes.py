@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -112,3 +114,42 @@ def delete_bus_namespace(amqp_url: str, namespace: str) -> None:
         bus.delete_namespace(["vna.index", "vna.worklist"])
     finally:
         bus.stop()
+
+
+def drop_postgres_database(name: str,
+                           admin_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+                           ) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        engine.dispose()
+
+
+@contextmanager
+def vna_up(data_dir: Path, backends: dict[str, str], timeout: float = 120.0,
+           env: dict[str, str] | None = None) -> Iterator[VnaProcess]:
+    """``vna up`` on the machine's backends (``backends`` fixture of tests/e2e), with a
+    database and a bus namespace of its own, both removed afterwards; S3 is the
+    ``rclone serve s3`` that ``vna up`` starts itself."""
+    db = f"vna_e2e_{uuid.uuid4().hex[:8]}"
+    env = {
+        "VNA_INDEX_URL": f"{backends['postgresql'].rstrip('/')}/{db}",
+        "VNA_BUS_URL": backends["amqp"],
+        "VNA_BUS_NAMESPACE": f"vna-e2e-{uuid.uuid4().hex[:8]}",
+        "VNA_REDIS_URL": backends["redis"],
+        "VNA_STORAGE_URL": "",
+        **(env or {}),
+    }
+    archive = VnaProcess(data_dir, command="up", env=env)
+    try:
+        archive.start(timeout=timeout)
+        yield archive
+    finally:
+        if archive.proc is not None:
+            archive.stop()
+        drop_postgres_database(db)
+        delete_bus_namespace(backends["amqp"], env["VNA_BUS_NAMESPACE"])
