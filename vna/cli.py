@@ -115,15 +115,21 @@ def cmd_run(settings: Settings) -> int:
     deps.extras["on_stored"] = relay.wake  # STOW-RS wakes the relay as C-STORE does
     registrars = _registrars()
     workers = _ingest_workers(settings)
-    # With several ingest processes on the port (SO_REUSEPORT) the kernel spreads
-    # associations over them, so receiving is not bound to one GIL; this process
-    # then keeps to indexing and HTTP, which would otherwise slow its receivers.
-    dimse = None
+    # With several receiver processes, receiving is not bound to one GIL; this
+    # process accepts, hands each association to the least busy receiver, and
+    # keeps to indexing and HTTP, which would otherwise slow its receivers.
+    dimse = dispatcher = None
+    extra: list[Any] = []
     if workers == 1:
         dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars)
-    extra = [_spawn_worker() for _ in range(workers if workers > 1 else 0)]
-    if extra:
-        _wait_for_port(settings.bind, settings.dimse_port, extra)
+    else:
+        from services.ingest.dispatch import Dispatcher
+
+        dispatcher = Dispatcher(settings.bind, settings.dimse_port)
+        extra = [_spawn_worker(dispatcher.add_receiver()) for _ in range(workers)]
+        dispatcher.start()
+        if not dispatcher.wait_ready(timeout=90):
+            raise SystemExit("the receiver processes did not start")
     http, http_thread = _serve_http(deps, stop)
     log.info("VNA running", extra={"ae_title": settings.ae_title, "dimse_port":
                                    settings.dimse_port, "http_port": settings.http_port,
@@ -134,6 +140,8 @@ def cmd_run(settings: Settings) -> int:
     print("VNA stopping", flush=True)
     if hl7 is not None:
         hl7.stop()
+    if dispatcher is not None:
+        dispatcher.close()
     for proc in extra:
         proc.terminate()
     for proc in extra:
@@ -157,23 +165,6 @@ def _start_worklist(deps: Deps) -> Any:
     return start_hl7(deps)
 
 
-def _wait_for_port(host: str, port: int, procs: list[Any], timeout: float = 60.0) -> None:
-    """Return once the workers accept associations (they take a moment to import)."""
-    import socket
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise SystemExit("an ingest worker exited at start")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex((host, port)) == 0:
-                return
-        time.sleep(0.05)
-    raise SystemExit(f"ingest workers did not listen on {host}:{port}")
-
-
 def _ingest_workers(settings: Settings) -> int:
     import os
 
@@ -182,27 +173,37 @@ def _ingest_workers(settings: Settings) -> int:
     return settings.ingest_workers if settings.ingest_workers > 0 else (os.cpu_count() or 1) + 1
 
 
-def _spawn_worker() -> Any:
+def _spawn_worker(channel: Any) -> Any:
+    """A receiver process, given its end of the dispatcher's channel."""
+    import os
     import subprocess
 
-    return subprocess.Popen([sys.executable, "-m", "vna", "ingest-worker"])
+    from services.ingest.dispatch import CHANNEL_FD_ENV
+
+    fd = channel.fileno()
+    proc = subprocess.Popen([sys.executable, "-m", "vna", "ingest-worker"], pass_fds=[fd],
+                            env={**os.environ, CHANNEL_FD_ENV: str(fd)})
+    channel.close()  # the receiver holds it now
+    return proc
 
 
 def cmd_ingest_worker(settings: Settings) -> int:
     """An extra DIMSE process of ``vna run``: stores only; the main process relays."""
     import os
+    import socket
 
-    from services.ingest.scp import start_dimse
+    from services.ingest.dispatch import CHANNEL_FD_ENV
+    from services.ingest.scp import start_dimse, stop_dimse
 
     parent = os.getppid()
     deps = build(settings)
     stop = _wait_for_signal()
-    dimse = start_dimse(deps, registrars=_registrars(), shared_port=True)
-    # A receiver must not outlive its archive (killed -9): it would keep taking
-    # associations on the port after the archive is gone.
+    channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
+    dimse = start_dimse(deps, registrars=_registrars(), channel=channel)
+    # A receiver does not outlive its archive (killed -9).
     while not stop.wait(1.0) and os.getppid() == parent:
         pass
-    dimse.shutdown()
+    stop_dimse(dimse)
     deps.close()
     return 0
 

@@ -68,6 +68,7 @@ class ClaimOutcome(Enum):
 class ConflictKind(Enum):
     SOP_INSTANCE = "sop-instance"
     PATIENT = "patient"
+    SERIES = "series"
 
 
 class ConflictError(Exception):

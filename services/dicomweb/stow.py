@@ -18,6 +18,7 @@ UNREADABLE              0xC000  Cannot understand (not DICOM, truncated,
                                 not application/dicom)
 SOP_CONFLICT            0xC001  Same SOP Instance UID, different content
 PATIENT_CONFLICT        0xC002  Study known under another Patient ID
+SERIES_CONFLICT         0xC004  Series known under another Study
 ======================  ======  =========================================
 
 HTTP status: 200 every instance stored (an identical resend counts as stored),
@@ -59,6 +60,7 @@ FAILURE_REASON = {
     StoreFailure.UNREADABLE: status.CANNOT_UNDERSTAND,
     StoreFailure.SOP_CONFLICT: status.DUPLICATE_SOP_INSTANCE_CONFLICT,
     StoreFailure.PATIENT_CONFLICT: status.PATIENT_CONFLICT,
+    StoreFailure.SERIES_CONFLICT: status.SERIES_CONFLICT,
 }
 
 _RETRIEVE_URL = "00081190"

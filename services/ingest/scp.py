@@ -27,6 +27,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
+from services.ingest.dispatch import receive_connections, report_ended
 from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
@@ -55,28 +56,33 @@ STORE_STATUS = {
     StoreFailure.MISMATCH: status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
     StoreFailure.SOP_CONFLICT: status.DUPLICATE_SOP_INSTANCE_CONFLICT,
     StoreFailure.PATIENT_CONFLICT: status.PATIENT_CONFLICT,
+    StoreFailure.SERIES_CONFLICT: status.SERIES_CONFLICT,
     StoreFailure.UNAVAILABLE: status.OUT_OF_RESOURCES,
 }
 
 
 class IngestServer(ThreadedAssociationServer):
-    """Sets TCP_NODELAY on every association socket; may share its port (SO_REUSEPORT)."""
-
-    allow_reuse_port = False
+    """Sets TCP_NODELAY on every association socket."""
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
         return sock, addr
 
-    def server_bind(self) -> None:
-        if self.allow_reuse_port and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+
+def _association_ended(event: evt.Event, *, channel: socket.socket) -> None:
+    if event.assoc.is_acceptor:  # not a C-MOVE's own association to a peer
+        report_ended(channel)
 
 
-class SharedPortServer(IngestServer):
-    allow_reuse_port = True
+def stop_dimse(server: AssociationServer) -> None:
+    """Stop serving (a receiver of handed-over connections: abort what is open)."""
+    if server.socket is not None and server.socket.fileno() >= 0:
+        server.shutdown()
+        return
+    for assoc in list(server.active_associations):
+        assoc.abort()
+    server.server_close()
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -131,9 +137,10 @@ Registrar = Callable[[AE, list[tuple[Any, Callable[..., Any]]], Deps], None]
 
 
 def start_dimse(deps: Deps, *, on_stored: Callable[[], None] | None = None,
-                registrars: list[Registrar] | None = None, shared_port: bool = False
-                ) -> AssociationServer:
-    """Start the AE on ``VNA_BIND:VNA_DIMSE_PORT`` in background threads."""
+                registrars: list[Registrar] | None = None,
+                channel: socket.socket | None = None) -> AssociationServer:
+    """Start the AE on ``VNA_BIND:VNA_DIMSE_PORT`` in background threads; or, given
+    the ``channel`` of ``vna run``'s dispatcher, serve the connections it passes."""
     ae = build_ae(deps)
     handlers: list[tuple[Any, Callable[..., Any]]] = [
         (evt.EVT_C_ECHO, handle_echo),
@@ -141,10 +148,20 @@ def start_dimse(deps: Deps, *, on_stored: Callable[[], None] | None = None,
     ]
     for register in registrars or []:
         register(ae, handlers, deps)
+    if channel is not None:
+        # A receiver of `vna run`: the archive accepts and hands connections over.
+        handlers.append((evt.EVT_CONN_CLOSE, partial(_association_ended, channel=channel)))
+        server = ae.make_server((deps.settings.bind, 0), evt_handlers=cast(Any, handlers),
+                                server_class=IngestServer)
+        if server.socket is not None:
+            server.socket.close()  # it never listens itself
+        receive_connections(channel, server.process_request)
+        ae._servers.append(server)
+        return server
     server = ae.make_server(
         (deps.settings.bind, deps.settings.dimse_port),
         evt_handlers=cast(Any, handlers),
-        server_class=SharedPortServer if shared_port else IngestServer,
+        server_class=IngestServer,
     )
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
     thread.start()

@@ -31,10 +31,12 @@ def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlIndex]:
 
 
 def _claim(sop: str | None = None, study: str | None = None, patient: str = "P1",
-           content: str = "a") -> tuple[InstanceClaim, InstanceStored]:
+           content: str = "a", series: str | None = None
+           ) -> tuple[InstanceClaim, InstanceStored]:
     claim = InstanceClaim(
         sop_instance_uid=sop or generate_uid(), sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        study_instance_uid=study or generate_uid(), series_instance_uid=generate_uid(),
+        study_instance_uid=study or generate_uid(),
+        series_instance_uid=series or generate_uid(),
         patient_id=patient, transfer_syntax_uid="1.2.840.10008.1.2.1",
         blob_key=BlobKey(content * 64), dataset_sha256=content * 64, size=10)
     event = InstanceStored(
@@ -82,6 +84,27 @@ def test_conflicts_are_refused(index: SqlIndex) -> None:
     assert err.value.kind is ConflictKind.PATIENT
     assert index.outbox_depth() == 1
     assert index.find_claim(intruder.sop_instance_uid) is None
+
+
+def test_a_series_belongs_to_one_study(index: SqlIndex) -> None:
+    claim, event = _claim()
+    index.claim(claim, event)
+    # Same series, another study (of the same patient even): filed under the
+    # series' study it would join a study it does not belong to.
+    stray, stray_event = _claim(series=claim.series_instance_uid)
+    assert index.check_claim(_claim(series=claim.series_instance_uid,
+                                    study=claim.study_instance_uid)[0]) is ClaimOutcome.NEW
+    with pytest.raises(ConflictError) as err:
+        index.check_claim(stray)
+    assert err.value.kind is ConflictKind.SERIES
+    with pytest.raises(ConflictError) as err:
+        index.claim(stray, stray_event)
+    assert err.value.kind is ConflictKind.SERIES
+    assert index.find_claim(stray.sop_instance_uid) is None
+    assert index.outbox_depth() == 1
+    sibling, sibling_event = _claim(series=claim.series_instance_uid,
+                                    study=claim.study_instance_uid)
+    assert index.claim(sibling, sibling_event) is ClaimOutcome.NEW
 
 
 def test_concurrent_claims_of_one_instance_make_one_event(index: SqlIndex) -> None:

@@ -109,6 +109,23 @@ def test_study_under_another_patient_is_refused(core: Core, tmp_path: Path) -> N
     assert len(list(core.blobs.keys())) == 1
 
 
+def test_series_under_another_study_is_refused(core: Core, tmp_path: Path) -> None:
+    first = ct_instance(patient_id="P1")
+    _store(core, _file(tmp_path, first))
+    # Another patient's study claiming the first one's series: indexed by series it
+    # would have joined the first patient's study.
+    stray = ct_instance(patient_id="P2", series_uid=first.SeriesInstanceUID)
+    with pytest.raises(StoreError) as err:
+        _store(core, _file(tmp_path, stray))
+    assert err.value.failure is StoreFailure.SERIES_CONFLICT
+    assert "another study" in err.value.reason
+    assert core.index.find_claim(stray.SOPInstanceUID) is None
+    assert len(list(core.blobs.keys())) == 1
+    core.drain()
+    assert [i.ref.sop_instance_uid for i in core.index.instances(
+        series_instance_uid=first.SeriesInstanceUID)] == [first.SOPInstanceUID]
+
+
 @pytest.mark.parametrize("bad_uid", ["../x", "1." + "2" * 64, "1.2.abc", "1.02.3", ""])
 def test_invalid_uids_are_refused_and_nothing_is_written(
     core: Core, tmp_path: Path, bad_uid: str

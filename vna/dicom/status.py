@@ -16,6 +16,8 @@ DUPLICATE_SOP_INSTANCE_CONFLICT = 0xC001
 PATIENT_CONFLICT = 0xC002
 """Refused: Study Instance UID known under another Patient ID."""
 INVALID_UID = 0xC003
+SERIES_CONFLICT = 0xC004
+"""Refused: Series Instance UID known under another Study Instance UID."""
 COERCION_OF_DATA_ELEMENTS = 0xB000
 ELEMENTS_DISCARDED = 0xB006
 

@@ -41,6 +41,7 @@ class StoreFailure(Enum):
     MISMATCH = "mismatch"  # data set disagrees with the request (SOP UID, study)
     SOP_CONFLICT = "sop-conflict"
     PATIENT_CONFLICT = "patient-conflict"
+    SERIES_CONFLICT = "series-conflict"
     UNAVAILABLE = "unavailable"  # could not be made durable: retry later
 
 
@@ -66,6 +67,13 @@ class Received:
     study_instance_uid: str | None = None
     """STOW-RS to /studies/{study}: the data set must belong to it."""
     source_ae: str = ""
+
+
+_CONFLICT_FAILURE = {
+    ConflictKind.SOP_INSTANCE: StoreFailure.SOP_CONFLICT,
+    ConflictKind.PATIENT: StoreFailure.PATIENT_CONFLICT,
+    ConflictKind.SERIES: StoreFailure.SERIES_CONFLICT,
+}
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,7 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
             metrics.INSTANCES_DUPLICATE.inc()
         return _result(claim, outcome)
     except ConflictError as exc:
-        failure = (StoreFailure.SOP_CONFLICT if exc.kind is ConflictKind.SOP_INSTANCE
-                   else StoreFailure.PATIENT_CONFLICT)
+        failure = _CONFLICT_FAILURE[exc.kind]
         metrics.STORE_FAILURES.labels(failure.value).inc()
         log.warning("refused: %s", exc.reason, extra={"source_ae": received.source_ae,
                                                       "sop_instance_uid":

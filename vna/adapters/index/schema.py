@@ -97,7 +97,7 @@ claims = Table(
     Column("sop_instance_uid", String(64), primary_key=True),
     Column("sop_class_uid", String(64), nullable=False),
     Column("study_instance_uid", String(64), nullable=False, index=True),
-    Column("series_instance_uid", String(64), nullable=False),
+    Column("series_instance_uid", String(64), nullable=False, index=True),
     Column("patient_id", String(64), nullable=False),
     Column("issuer_of_patient_id", String(64), nullable=False, default=""),
     Column("transfer_syntax_uid", String(64), nullable=False),

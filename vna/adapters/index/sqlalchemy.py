@@ -163,6 +163,8 @@ _SELECT_CLAIM = select(claims.c.dataset_sha256).where(
     claims.c.sop_instance_uid == bindparam("sop"))
 _SELECT_OWNER = select(study_patients.c.patient_id, study_patients.c.issuer_of_patient_id
                        ).where(study_patients.c.study_instance_uid == bindparam("study"))
+_SELECT_SERIES_STUDY = select(claims.c.study_instance_uid).where(
+    claims.c.series_instance_uid == bindparam("series")).limit(1)
 _INSERT_STUDY_PATIENT = study_patients.insert()
 _INSERT_CLAIM = claims.insert()
 _INSERT_OUTBOX = outbox.insert()
@@ -227,6 +229,13 @@ class SqlIndex:
                 ConflictKind.SOP_INSTANCE,
                 "SOP Instance UID already stored with different content",
             )
+        series_of = conn.execute(_SELECT_SERIES_STUDY,
+                                 {"series": claim.series_instance_uid}).first()
+        if series_of is not None and series_of.study_instance_uid != claim.study_instance_uid:
+            # Filed under the series' study it would join another study (and maybe
+            # another patient): UIDs are unique, so one of the two is wrong.
+            raise ConflictError(
+                ConflictKind.SERIES, "Series Instance UID belongs to another study")
         owner = conn.execute(_SELECT_OWNER, {"study": claim.study_instance_uid}).first()
         if owner is not None and (owner.patient_id, owner.issuer_of_patient_id) != (
             claim.patient_id,

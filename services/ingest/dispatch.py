@@ -1,0 +1,157 @@
+"""Spread associations over ``vna run``'s receiver processes, the least busy first.
+
+``vna run`` receives in several processes, so that receiving is not bound to one
+GIL. Sharing the port with SO_REUSEPORT leaves the choice to a hash of the
+client's address: four associations land three on one process about a third of
+the time, and that process's GIL then caps them all. Instead the archive accepts
+each connection itself and passes the socket (SCM_RIGHTS over a Unix socket pair)
+to the receiver with the fewest open associations; a receiver reports each
+association's end on the same pair.
+
+Wire, one byte each: receiver -> archive ``r`` ready, ``d`` an association ended;
+archive -> receiver ``c`` with a connection's descriptor attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("vna.ingest.dispatch")
+
+CHANNEL_FD_ENV = "VNA_INGEST_CHANNEL_FD"
+"""Tells an ``ingest-worker`` which inherited descriptor is its channel."""
+
+
+@dataclass
+class _Receiver:
+    channel: socket.socket
+    open_associations: int = 0
+    alive: bool = True
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class Dispatcher:
+    """Accepts on the DIMSE port and hands each connection to a receiver process."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._listener = socket.create_server((host, port), backlog=128)
+        self._receivers: list[_Receiver] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def add_receiver(self) -> socket.socket:
+        """A channel for one more receiver; pass the returned end to its process."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        receiver = _Receiver(ours)
+        with self._lock:
+            self._receivers.append(receiver)
+        threading.Thread(target=self._listen, args=(receiver,), daemon=True,
+                         name="dispatch-reports").start()
+        return theirs
+
+    def wait_ready(self, timeout: float) -> bool:
+        """True once every receiver said it is serving."""
+        return all(r.ready.wait(timeout) for r in self._receivers)
+
+    def open_associations(self) -> list[int]:
+        """Open associations of each live receiver, as the dispatcher counts them."""
+        with self._lock:
+            return [r.open_associations for r in self._receivers if r.alive]
+
+    def start(self) -> None:
+        threading.Thread(target=self._accept_loop, daemon=True, name="dimse-acceptor").start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        for receiver in self._receivers:
+            with contextlib.suppress(OSError):
+                receiver.channel.close()
+
+    def _listen(self, receiver: _Receiver) -> None:
+        while True:
+            try:
+                data = receiver.channel.recv(64)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            with self._lock:
+                for byte in data:
+                    if byte == ord("r"):
+                        receiver.ready.set()
+                    elif byte == ord("d"):
+                        receiver.open_associations = max(0, receiver.open_associations - 1)
+        with self._lock:
+            receiver.alive = False
+        if not self._closed:
+            log.error("a receiver process is gone; associations go to the others")
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stalls
+                self._hand_over(conn)
+
+    def _hand_over(self, conn: socket.socket) -> None:
+        while True:
+            with self._lock:
+                candidates = [r for r in self._receivers if r.alive]
+                if not candidates:
+                    log.error("no receiver process left: connection refused")
+                    return
+                receiver = min(candidates, key=lambda r: r.open_associations)
+                receiver.open_associations += 1
+            try:
+                socket.send_fds(receiver.channel, [b"c"], [conn.fileno()])
+                return  # the receiver holds its own descriptor now; ours closes
+            except OSError:
+                with self._lock:
+                    receiver.alive = False
+
+
+def receive_connections(channel: socket.socket,
+                        process: Callable[[socket.socket, Any], None]) -> threading.Thread:
+    """In a receiver: hand each connection the archive passes to ``process``."""
+
+    def run() -> None:
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(channel, 16, 8)
+            except OSError:
+                return
+            if not data:
+                return  # the archive is gone
+            for fd in fds:
+                conn = socket.socket(fileno=fd)
+                try:
+                    peer = conn.getpeername()
+                except OSError:
+                    conn.close()
+                    report_ended(channel)
+                    continue
+                process(conn, peer)
+
+    thread = threading.Thread(target=run, daemon=True, name="dimse-handover")
+    thread.start()
+    channel.sendall(b"r")
+    return thread
+
+
+def report_ended(channel: socket.socket) -> None:
+    """Tell the archive one association of this receiver has ended."""
+    with contextlib.suppress(OSError):
+        channel.sendall(b"d")
