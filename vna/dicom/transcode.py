@@ -68,6 +68,12 @@ def _name(uid: str) -> str:
     return f"{name} ({uid})" if name != uid else uid
 
 
+def _one_line(exc: Exception) -> str:
+    """A codec's message (often several lines, one per plugin) as one short line."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
 def can_decode(transfer_syntax_uid: str) -> bool:
     """Whether pixel data in this syntax can be decoded with the plugins installed."""
     if transfer_syntax_uid in NATIVE:
@@ -174,7 +180,7 @@ def transcode_instance(src: BinaryIO, target: str) -> bytes:
             raise
         except Exception as exc:  # codec plugins raise anything
             raise TranscodeError(f"conversion from {_name(source)} to {_name(target)} "
-                                 f"failed: {exc}") from exc
+                                 f"failed: {_one_line(exc)}") from exc
     sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID"))
     sop_uid = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID"))
     buf = io.BytesIO()
@@ -235,7 +241,7 @@ def transcode_frame(src: BinaryIO, header: Dataset, source: str, index: int,
         raise
     except Exception as exc:  # codec plugins raise anything
         raise TranscodeError(f"frame {index + 1} could not be converted from "
-                             f"{_name(source)} to {_name(target)}: {exc}") from exc
+                             f"{_name(source)} to {_name(target)}: {_one_line(exc)}") from exc
 
 
 def _native_bytes(arr: np.ndarray[Any, Any], bits_allocated: int, *, big_endian: bool) -> bytes:
