@@ -1,0 +1,231 @@
+"""WADO-RS transfer syntax negotiation and transcoding, with dicomweb-client.
+
+Instances are really compressed (tests/support/compressed.py), stored through
+STOW-RS, and retrieved in other syntaxes; decoded pixels are compared with the
+pixels decoded from what was sent. The stored blobs must not change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
+
+from tests.integration.test_dicomweb import Web, dataset_bytes, multipart_parts, serve
+from tests.support.compressed import compressed_ct, jpeg_baseline, native_ct, part10
+
+pytestmark = pytest.mark.integration
+
+EXPLICIT_LE = str(ExplicitVRLittleEndian)
+COMPRESSED = [RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEG2000, JPEGBaseline8Bit]
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[Web]:
+    with serve(tmp_path) as running:
+        yield running
+
+
+def _instance(ts: str, **kw: object) -> Dataset:
+    if ts == JPEGBaseline8Bit:
+        return jpeg_baseline(**kw)  # type: ignore[arg-type]
+    return compressed_ct(ts, **kw)  # type: ignore[arg-type]
+
+
+def _pixels(ds: Dataset) -> np.ndarray:  # type: ignore[type-arg]
+    """Decoded pixels of ``ds`` as it would be read from its Part-10 bytes."""
+    return pydicom.dcmread(io.BytesIO(part10(ds))).pixel_array
+
+
+def _blob_digests(web: Web) -> dict[str, str]:
+    out = {}
+    for i in web.deps.index.instances():
+        with web.deps.blobs.open(i.blob_key) as fp:
+            out[i.ref.sop_instance_uid] = hashlib.sha256(fp.read()).hexdigest()
+    return out
+
+
+def _accept_dicom(*syntaxes: str) -> dict[str, str]:
+    return {"Accept": ", ".join(f'multipart/related; type="application/dicom"; {s}'
+                                for s in syntaxes)}
+
+
+@pytest.mark.parametrize("ts", COMPRESSED, ids=lambda ts: ts.name)
+def test_compressed_instance_retrieved_as_explicit_little_endian(web: Web, ts: str) -> None:
+    sent = _instance(ts)
+    expected = _pixels(sent)
+    study, series, sop = sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID
+    client = web.client()
+    client.store_instances([sent])
+    web.index_all()
+    assert web.deps.index.instances()[0].transfer_syntax_uid == ts
+    before = _blob_digests(web)
+
+    # What viewers ask for: Explicit VR Little Endian, named.
+    asked = client.retrieve_instance(study, series, sop,
+                                     media_types=(("application/dicom", EXPLICIT_LE),))
+    assert asked.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert not asked["PixelData"].is_undefined_length
+    assert np.array_equal(asked.pixel_array, expected)
+    assert asked.SOPInstanceUID == sop and asked.PatientID == sent.PatientID
+    if ts == JPEGBaseline8Bit:
+        assert asked.LossyImageCompression == "01"
+
+    # application/dicom naming no syntax means PS3.18's default, explicit LE.
+    default = client.retrieve_instance(study, series, sop, media_types=("application/dicom",))
+    assert default.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert np.array_equal(default.pixel_array, expected)
+    # dicomweb-client's own default asks for transfer-syntax=*: as stored.
+    assert client.retrieve_instance(study, series, sop).file_meta.TransferSyntaxUID == ts
+
+    # transfer-syntax=* is the stored bytes, typed with the stored syntax.
+    url = f"{web.root}/studies/{study}/series/{series}/instances/{sop}"
+    raw = httpx.get(url, headers=_accept_dicom("transfer-syntax=*"))
+    [(content_type, body)] = multipart_parts(raw)
+    assert content_type == f"application/dicom; transfer-syntax={ts}"
+    assert dataset_bytes(body) == dataset_bytes(part10(sent))
+    assert _blob_digests(web) == before, "a stored blob changed"
+
+
+def test_study_of_mixed_syntaxes_streams_each_in_the_asked_syntax(web: Web) -> None:
+    study, series = generate_uid(), generate_uid()
+    sent = [_instance(ts, study_uid=study, series_uid=series, instance_number=n + 1)
+            for n, ts in enumerate(COMPRESSED)]
+    sent.append(native_ct(study_uid=study, series_uid=series, instance_number=9))
+    expected = {d.SOPInstanceUID: _pixels(d) for d in sent}
+    client = web.client()
+    client.store_instances(sent)
+    web.index_all()
+
+
+    r = httpx.get(f"{web.root}/studies/{study}",
+                  headers=_accept_dicom(f"transfer-syntax={ImplicitVRLittleEndian}"))
+    assert r.status_code == 200
+    parts = multipart_parts(r)
+    assert len(parts) == len(sent)
+    for content_type, body in parts:
+        assert content_type == f"application/dicom; transfer-syntax={ImplicitVRLittleEndian}"
+        ds = pydicom.dcmread(io.BytesIO(body))
+        assert ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert np.array_equal(ds.pixel_array, expected[ds.SOPInstanceUID])
+    retrieved = client.retrieve_series(study, series,
+                                       media_types=(("application/dicom", EXPLICIT_LE),))
+    assert {d.SOPInstanceUID for d in retrieved} == set(expected)
+
+
+def test_q_values_pick_the_best_syntax_that_can_be_made(web: Web) -> None:
+    sent = native_ct()
+    client = web.client()
+    client.store_instances([sent])
+    web.index_all()
+    url = (f"{web.root}/studies/{sent.StudyInstanceUID}/series/{sent.SeriesInstanceUID}"
+           f"/instances/{sent.SOPInstanceUID}")
+
+    # JPEG Baseline is preferred but impossible (lossy only, 16-bit data): JPEG-LS next.
+    r = httpx.get(url, headers=_accept_dicom(
+        "transfer-syntax=*; q=0.1", f"transfer-syntax={JPEGBaseline8Bit}",
+        f"transfer-syntax={JPEGLSLossless}; q=0.8", f"transfer-syntax={RLELossless}; q=0.5"))
+    assert r.status_code == 200
+    [(content_type, body)] = multipart_parts(r)
+    assert content_type == f"application/dicom; transfer-syntax={JPEGLSLossless}"
+    ds = pydicom.dcmread(io.BytesIO(body))
+    assert ds.file_meta.TransferSyntaxUID == JPEGLSLossless
+    assert np.array_equal(ds.pixel_array, sent.pixel_array)
+    # Equal q: the client's order.
+    r = httpx.get(url, headers=_accept_dicom(f"transfer-syntax={RLELossless}",
+                                             f"transfer-syntax={JPEGLSLossless}"))
+    assert multipart_parts(r)[0][0] == f"application/dicom; transfer-syntax={RLELossless}"
+
+
+def test_406_only_when_no_acceptable_syntax_can_be_made(web: Web) -> None:
+    study, series = generate_uid(), generate_uid()
+    ct = native_ct(study_uid=study, series_uid=series)  # 16-bit: no JPEG Baseline
+    photo = jpeg_baseline(study_uid=study, series_uid=series, instance_number=2)
+    client = web.client()
+    client.store_instances([ct, photo])
+    web.index_all()
+
+    ct_url = f"{web.root}/studies/{study}/series/{series}/instances/{ct.SOPInstanceUID}"
+    refused = httpx.get(ct_url, headers=_accept_dicom(f"transfer-syntax={JPEGBaseline8Bit}"))
+    assert refused.status_code == 406
+    assert "lossy only" in refused.json()["detail"]
+    assert "lossy only" in refused.headers["warning"]
+    video = httpx.get(ct_url, headers=_accept_dicom("transfer-syntax=1.2.840.10008.1.2.4.102"))
+    assert video.status_code == 406
+    assert "no encoder" in video.json()["detail"]
+    frames = httpx.get(f"{ct_url}/frames/1", headers={"Accept": 'multipart/related; '
+                                                                'type="image/jpeg"'})
+    assert frames.status_code == 406
+    assert "lossy only" in frames.json()["detail"]
+
+    # The study: the JPEG instance is stored as asked, the CT cannot be: 206, Warning.
+    partial = httpx.get(f"{web.root}/studies/{study}",
+                        headers=_accept_dicom(f"transfer-syntax={JPEGBaseline8Bit}"))
+    assert partial.status_code == 206
+    assert "1 instance(s) not sent" in partial.headers["warning"]
+    [(content_type, body)] = multipart_parts(partial)
+    assert content_type == f"application/dicom; transfer-syntax={JPEGBaseline8Bit}"
+    assert pydicom.dcmread(io.BytesIO(body)).SOPInstanceUID == photo.SOPInstanceUID
+
+
+def test_frames_decoded_for_the_default_accept_and_encoded_on_request(web: Web) -> None:
+    original = native_ct(frames=3)
+    j2k = compressed_ct(JPEG2000Lossless, frames=3, sop_uid=generate_uid(),
+                        study_uid=original.StudyInstanceUID,
+                        series_uid=original.SeriesInstanceUID, instance_number=2)
+    client = web.client()
+    client.store_instances([original, j2k])
+    web.index_all()
+    study, series = original.StudyInstanceUID, original.SeriesInstanceUID
+    frame = [original.pixel_array[i].astype("<u2").tobytes() for i in range(3)]
+
+    # dicomweb-client's octet-stream request (transfer-syntax 1.2.840.10008.1.2.1).
+    decoded = client.retrieve_instance_frames(
+        study, series, j2k.SOPInstanceUID, [3, 1],
+        media_types=(("application/octet-stream", EXPLICIT_LE),))
+    assert decoded == [frame[2], frame[0]]
+
+    url = f"{web.root}/studies/{study}/series/{series}/instances/{j2k.SOPInstanceUID}/frames/2"
+    plain = httpx.get(url, headers={"Accept": 'multipart/related; '
+                                              'type="application/octet-stream"'})
+    [(content_type, body)] = multipart_parts(plain)
+    assert content_type == f"application/octet-stream; transfer-syntax={EXPLICIT_LE}"
+    assert body == frame[1]
+    # Its default, */*, gets the stored codestreams, typed as such.
+    stored = client.retrieve_instance_frames(study, series, j2k.SOPInstanceUID, [2])
+    assert stored[0][:2] == b"\xff\x4f"  # a JPEG 2000 codestream (SOC marker)
+    as_stored = httpx.get(url, headers={"Accept": 'multipart/related; type="image/jp2"'})
+    assert multipart_parts(as_stored)[0][0] == f"image/jp2; transfer-syntax={JPEG2000Lossless}"
+
+    # Native frames encoded on request: JPEG-LS, decoded back to the same pixels.
+    native_url = url.replace(j2k.SOPInstanceUID, original.SOPInstanceUID)
+    jls = httpx.get(native_url, headers={"Accept": 'multipart/related; type="image/jls"'})
+    [(content_type, codestream)] = multipart_parts(jls)
+    assert content_type == f"image/jls; transfer-syntax={JPEGLSLossless}"
+    one = native_ct()
+    one.PixelData = encapsulate([codestream])
+    one["PixelData"].VR = "OB"
+    one.file_meta.TransferSyntaxUID = JPEGLSLossless
+    assert np.array_equal(one.pixel_array, original.pixel_array[1])
+    # A type with a syntax that is not its own cannot be served: 406.
+    mismatch = httpx.get(native_url, headers={
+        "Accept": f'multipart/related; type="image/jls"; transfer-syntax={RLELossless}'})
+    assert mismatch.status_code == 406
