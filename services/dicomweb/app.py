@@ -39,7 +39,9 @@ CAPABILITIES: dict[str, object] = {
     },
     "stow-rs": {
         "resources": ["/studies", "/studies/{study}"],
-        "media-types": ['multipart/related; type="application/dicom"'],
+        "media-types": ['multipart/related; type="application/dicom"',
+                        'multipart/related; type="application/dicom+json" (bulk data parts '
+                        "by Content-Location)"],
     },
 }
 

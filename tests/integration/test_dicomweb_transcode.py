@@ -229,3 +229,123 @@ def test_frames_decoded_for_the_default_accept_and_encoded_on_request(web: Web) 
     mismatch = httpx.get(native_url, headers={
         "Accept": f'multipart/related; type="image/jls"; transfer-syntax={RLELossless}'})
     assert mismatch.status_code == 406
+
+
+# ---------------------------------------------------------------------- STOW-RS JSON + bulk data
+def _json_and_bulk(ds: Dataset, base: str) -> tuple[dict[str, object], dict[str, bytes]]:
+    """DICOM JSON of ``ds`` with its large values moved to bulk parts (uri -> bytes)."""
+    bulk: dict[str, bytes] = {}
+
+    def to_uri(elem: pydicom.DataElement) -> str:
+        uri = f"{base}/{ds.SOPInstanceUID}/{elem.tag:08X}"
+        value = elem.value
+        bulk[uri] = bytes(value) if isinstance(value, bytes | bytearray) else b""
+        return uri
+
+    return ds.to_json_dict(bulk_data_threshold=256, bulk_data_element_handler=to_uri), bulk
+
+
+def _stow_json(web: Web, instances: list[dict[str, object]],
+               bulk: list[tuple[str, str, bytes]], study: str | None = None,
+               boundary: str = "json-b0undary") -> httpx.Response:
+    import json
+
+    parts = [f"--{boundary}\r\nContent-Type: application/dicom+json\r\n\r\n".encode()
+             + json.dumps(instances).encode() + b"\r\n"]
+    for location, content_type, data in bulk:
+        parts.append(f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+                     f"Content-Location: {location}\r\n\r\n".encode() + data + b"\r\n")
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    url = f"{web.root}/studies" + (f"/{study}" if study else "")
+    return httpx.post(url, content=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom+json"; '
+                        f"boundary={boundary}"})
+
+
+def test_stow_json_with_bulk_pixel_data_round_trips(web: Web) -> None:
+    sent = native_ct(rows=48, columns=40, frames=2)
+    obj, bulk = _json_and_bulk(sent, "http://client.example/bulk")
+    assert "BulkDataURI" in obj["7FE00010"]  # type: ignore[operator]
+    r = _stow_json(web, [obj], [(uri, "application/octet-stream", data)
+                                for uri, data in bulk.items()])
+    assert r.status_code == 200, r.text
+    result = Dataset.from_json(r.json())
+    assert result.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sent.SOPInstanceUID
+    web.index_all()
+
+    client = web.client()
+    back = client.retrieve_instance(sent.StudyInstanceUID, sent.SeriesInstanceUID,
+                                    sent.SOPInstanceUID)
+    assert back.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert back.PixelData == sent.PixelData
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
+                    "Rows", "Columns", "NumberOfFrames", "BitsStored", "AccessionNumber"):
+        assert back[keyword].value == sent[keyword].value, keyword
+    frames = client.retrieve_instance_frames(sent.StudyInstanceUID, sent.SeriesInstanceUID,
+                                             sent.SOPInstanceUID, [2])
+    assert frames == [sent.PixelData[48 * 40 * 2:]]
+    # The same instance again, the same way: idempotent, nothing new stored.
+    assert _stow_json(web, [obj], [(uri, "application/octet-stream", data)
+                                   for uri, data in bulk.items()]).status_code == 200
+    web.index_all()
+    assert web.deps.index.counts()["instances"] == 1
+
+
+def test_stow_json_with_compressed_pixel_data(web: Web) -> None:
+    original = native_ct()
+    jls = compressed_ct(JPEGLSLossless, sop_uid=original.SOPInstanceUID,
+                        study_uid=original.StudyInstanceUID,
+                        series_uid=original.SeriesInstanceUID)
+    from pydicom.encaps import generate_frames
+
+    codestream = next(generate_frames(jls.PixelData, number_of_frames=1))
+    obj = jls.to_json_dict(bulk_data_threshold=256,
+                           bulk_data_element_handler=lambda _e: "pixels-1")
+    r = _stow_json(web, [obj], [("pixels-1", "image/jls", codestream)])
+    assert r.status_code == 200, r.text
+    web.index_all()
+    [stored] = web.deps.index.instances()
+    assert stored.transfer_syntax_uid == JPEGLSLossless  # kept as sent: no transcode on store
+    client = web.client()
+    as_sent = client.retrieve_instance(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                       original.SOPInstanceUID)
+    assert as_sent.file_meta.TransferSyntaxUID == JPEGLSLossless
+    decoded = client.retrieve_instance(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                       original.SOPInstanceUID,
+                                       media_types=(("application/dicom", EXPLICIT_LE),))
+    assert np.array_equal(decoded.pixel_array, original.pixel_array)
+
+
+def test_stow_json_failures_are_per_instance(web: Web) -> None:
+    study = generate_uid()
+    good = native_ct(study_uid=study)
+    orphan = native_ct(study_uid=study, instance_number=2)
+    elsewhere = native_ct(study_uid=generate_uid(), instance_number=3)
+    good_obj, good_bulk = _json_and_bulk(good, "b")
+    orphan_obj, _never_sent = _json_and_bulk(orphan, "b")
+    other_obj, other_bulk = _json_and_bulk(elsewhere, "b")
+    r = _stow_json(web, [good_obj, orphan_obj, other_obj],
+                   [(u, "application/octet-stream", d)
+                    for u, d in {**good_bulk, **other_bulk}.items()], study=study)
+    assert r.status_code == 202, r.text
+    result = Dataset.from_json(r.json())
+    assert [i.ReferencedSOPInstanceUID for i in result.ReferencedSOPSequence] == \
+        [good.SOPInstanceUID]
+    failed = {i.ReferencedSOPInstanceUID: i.FailureReason for i in result.FailedSOPSequence}
+    assert failed == {orphan.SOPInstanceUID: 0xC000, elsewhere.SOPInstanceUID: 0xA900}
+    assert "matches no part's Content-Location" in r.headers["warning"]
+    web.index_all()
+    assert web.deps.index.counts()["instances"] == 1
+
+    broken = _stow_json(web, [], [])
+    assert broken.status_code == 400  # an empty array stores nothing: no part to report
+    not_json = httpx.post(f"{web.root}/studies", content=(
+        b"--b\r\nContent-Type: application/dicom+json\r\n\r\n{not json\r\n--b--\r\n"),
+        headers={"Content-Type": 'multipart/related; type="application/dicom+json"; '
+                                 "boundary=b"})
+    assert not_json.status_code == 409
+    assert Dataset.from_json(not_json.json()).FailedSOPSequence[0].FailureReason == 0xC000
+    xml = httpx.post(f"{web.root}/studies", content=b"--b--\r\n", headers={
+        "Content-Type": 'multipart/related; type="application/dicom+xml"; boundary=b'})
+    assert xml.status_code == 415
+    assert "application/dicom+xml is not supported" in xml.json()["detail"]
