@@ -127,3 +127,12 @@ def test_one_frame_decoded_and_reencoded(source: str) -> None:
     single["PixelData"].VR = "OB"
     single.file_meta.TransferSyntaxUID = JPEGLSLossless
     assert np.array_equal(single.pixel_array, expected)
+
+
+def test_big_endian_frame_comes_out_little_endian() -> None:
+    original = native_ct(frames=2)
+    be = transcode_instance(io.BytesIO(part10(original)), ExplicitVRBigEndian)
+    header = pydicom.dcmread(io.BytesIO(be), stop_before_pixels=True)
+    frame = transcode_frame(io.BytesIO(be), header, ExplicitVRBigEndian, 1,
+                            ExplicitVRLittleEndian)
+    assert frame == original.pixel_array[1].astype("<u2").tobytes()
