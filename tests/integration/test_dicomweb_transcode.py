@@ -186,6 +186,36 @@ def test_406_only_when_no_acceptable_syntax_can_be_made(web: Web) -> None:
     assert pydicom.dcmread(io.BytesIO(body)).SOPInstanceUID == photo.SOPInstanceUID
 
 
+def test_an_instance_that_fails_to_decode_is_never_replaced_silently(web: Web) -> None:
+    study, series = generate_uid(), generate_uid()
+    good = compressed_ct(JPEGLSLossless, study_uid=study, series_uid=series)
+    corrupt = compressed_ct(JPEGLSLossless, study_uid=study, series_uid=series,
+                            instance_number=2)
+    corrupt.PixelData = encapsulate([b"\xff\xd8 not a JPEG-LS codestream \xff\xd9"])
+    client = web.client()
+    client.store_instances([good])
+    web.index_all()
+    client.store_instances([corrupt])  # indexed second: retrieved second
+    web.index_all()
+    url = f"{web.root}/studies/{study}"
+
+    # Only explicit LE is acceptable: the header checks pass, the first part goes,
+    # then the second cannot be decoded: the response ends without its closing
+    # boundary rather than pretending the study had one instance.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(url, headers=_accept_dicom(f"transfer-syntax={EXPLICIT_LE}")).read()
+
+    # With the stored form acceptable too, the corrupt one goes as stored, labelled so.
+    r = httpx.get(url, headers=_accept_dicom(f"transfer-syntax={EXPLICIT_LE}",
+                                             "transfer-syntax=*; q=0.1"))
+    assert r.status_code == 200
+    types = {pydicom.dcmread(io.BytesIO(body)).SOPInstanceUID: content_type
+             for content_type, body in multipart_parts(r)}
+    assert types == {
+        good.SOPInstanceUID: f"application/dicom; transfer-syntax={EXPLICIT_LE}",
+        corrupt.SOPInstanceUID: f"application/dicom; transfer-syntax={JPEGLSLossless}"}
+
+
 def test_frames_decoded_for_the_default_accept_and_encoded_on_request(web: Web) -> None:
     original = native_ct(frames=3)
     j2k = compressed_ct(JPEG2000Lossless, frames=3, sop_uid=generate_uid(),
