@@ -113,7 +113,8 @@ def _plan_instances(deps: Deps, found: list[StoredInstance], choices: list[str]
         header = None
         for choice in choices:
             if choice in (STORED, stored):
-                possible.append(STORED)
+                if STORED not in possible:
+                    possible.append(STORED)
                 continue
             if header is None:
                 header = read_layout(deps.blobs, instance.blob_key, stored).dataset
@@ -200,7 +201,8 @@ async def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -
     if refused:
         # PS3.18 8.6.3: some instances could not be sent in an acceptable syntax.
         status = 206
-        reason = _summary(refused).replace('"', "'").encode("ascii", "replace").decode()
+        reason = " ".join(_summary(refused).replace('"', "'").split())
+        reason = reason.encode("ascii", "replace").decode()
         headers["Warning"] = f'299 VNA: "{len(refused)} instance(s) not sent: {reason}"'
     boundary = uuid.uuid4().hex
     # Sync generators: Starlette iterates them in a worker thread, so blocking
