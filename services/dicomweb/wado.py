@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
+import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
+from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
 from services.dicomweb.common import (
@@ -69,6 +72,10 @@ log = logging.getLogger("vna.dicomweb.wado")
 router = APIRouter()
 
 _CHUNK = 1 << 20
+# Transcoding is CPU-bound and holds a decoded instance: one per core at a time
+# bounds both, however many requests the thread pool runs.
+_TRANSCODE_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+_MAX_DECODED_BYTES = 1 << 30
 _METADATA_TTL = 3600.0
 
 
@@ -118,7 +125,7 @@ def _plan_instances(deps: Deps, found: list[StoredInstance], choices: list[str]
                 continue
             if header is None:
                 header = read_layout(deps.blobs, instance.blob_key, stored).dataset
-            reason = impossible(header, stored, choice)
+            reason = impossible(header, stored, choice) or _too_large(header)
             if reason is None:
                 possible.append(choice)
             else:
@@ -128,6 +135,21 @@ def _plan_instances(deps: Deps, found: list[StoredInstance], choices: list[str]
         else:
             refused.append("; ".join(reasons))
     return planned, refused
+
+
+def _too_large(header: Dataset) -> str | None:
+    """Whole instances are decoded in memory: refuse those that would not fit."""
+    try:
+        decoded = (int(header.Rows) * int(header.Columns)
+                   * int(header.get("SamplesPerPixel", 1) or 1) * int(header.BitsAllocated)
+                   // 8 * number_of_frames(header))
+    except (AttributeError, TypeError, ValueError):
+        return None  # no pixel description: nothing to decode
+    if decoded > _MAX_DECODED_BYTES:
+        return (f"{decoded >> 20} MiB of decoded pixel data is more than this archive "
+                f"transcodes whole ({_MAX_DECODED_BYTES >> 20} MiB): ask for "
+                "transfer-syntax=* or for frames")
+    return None
 
 
 def _produce(deps: Deps, planned: _Planned) -> tuple[str, Iterable[bytes]]:
@@ -143,7 +165,7 @@ def _produce(deps: Deps, planned: _Planned) -> tuple[str, Iterable[bytes]]:
             ts = instance.transfer_syntax_uid
             return f"{APPLICATION_DICOM}; transfer-syntax={ts}", _blob(deps, instance.blob_key)
         try:
-            with open_blob(deps.blobs, instance.blob_key) as fp:
+            with _TRANSCODE_SLOTS, open_blob(deps.blobs, instance.blob_key) as fp:
                 data = transcode_instance(fp, choice)
         except TranscodeError as exc:
             metrics.TRANSCODES.labels("instance", "failed").inc()
@@ -428,7 +450,7 @@ async def retrieve_instance_frames(study: str, series: str, sop: str, frames: st
 def _transcoded_frame(deps: Deps, key: BlobKey, layout: Layout, number: int, target: str
                       ) -> bytes:
     try:
-        with open_blob(deps.blobs, key) as fp:
+        with _TRANSCODE_SLOTS, open_blob(deps.blobs, key) as fp:
             data = transcode_frame(fp, layout.dataset, layout.transfer_syntax_uid,
                                    number - 1, target)
     except TranscodeError as exc:

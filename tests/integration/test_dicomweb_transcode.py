@@ -379,3 +379,27 @@ def test_stow_json_failures_are_per_instance(web: Web) -> None:
         "Content-Type": 'multipart/related; type="application/dicom+xml"; boundary=b'})
     assert xml.status_code == 415
     assert "application/dicom+xml is not supported" in xml.json()["detail"]
+
+
+def test_instances_too_large_to_transcode_whole_are_refused_with_advice(
+        web: Web, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.dicomweb import wado
+
+    sent = compressed_ct(RLELossless, frames=2)  # 32x32x2 frames x 2 bytes = 4 KiB decoded
+    client = web.client()
+    client.store_instances([sent])
+    web.index_all()
+    monkeypatch.setattr(wado, "_MAX_DECODED_BYTES", 4095)
+    url = (f"{web.root}/studies/{sent.StudyInstanceUID}/series/{sent.SeriesInstanceUID}"
+           f"/instances/{sent.SOPInstanceUID}")
+    r = httpx.get(url, headers=_accept_dicom(f"transfer-syntax={EXPLICIT_LE}"))
+    assert r.status_code == 406
+    assert "transcodes whole" in r.json()["detail"]
+    # Frames are decoded one at a time: still served.
+    frames = client.retrieve_instance_frames(
+        sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID, [2],
+        media_types=(("application/octet-stream", EXPLICIT_LE),))
+    assert frames == [sent.pixel_array[1].astype("<u2").tobytes()]
+    monkeypatch.setattr(wado, "_MAX_DECODED_BYTES", 4096)
+    assert httpx.get(url, headers=_accept_dicom(
+        f"transfer-syntax={EXPLICIT_LE}")).status_code == 200
