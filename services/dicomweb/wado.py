@@ -227,11 +227,17 @@ async def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -
         reason = reason.encode("ascii", "replace").decode()
         headers["Warning"] = f'299 VNA: "{len(refused)} instance(s) not sent: {reason}"'
     boundary = uuid.uuid4().hex
+    media_type = f'multipart/related; type="{APPLICATION_DICOM}"'
+    # The whole response names its syntax only when no part can come in another.
+    sent = {item.instance.transfer_syntax_uid if item.choices[0] == STORED
+            else item.choices[0] for item in planned[at:] if len(item.choices) == 1}
+    if len(sent) == 1 and all(len(item.choices) == 1 for item in planned[at:]):
+        media_type += f"; transfer-syntax={sent.pop()}"
     # Sync generators: Starlette iterates them in a worker thread, so blocking
     # reads and transcoding do not stall the event loop.
     return StreamingResponse(
         write_parts(boundary, parts()), status_code=status, headers=headers,
-        media_type=f'multipart/related; type="{APPLICATION_DICOM}"; boundary={boundary}')
+        media_type=f"{media_type}; boundary={boundary}")
 
 
 def _summary(reasons: list[str], limit: int = 3) -> str:
@@ -463,10 +469,10 @@ def _transcoded_frame(deps: Deps, key: BlobKey, layout: Layout, number: int, tar
 
 def _frames_response(content_type: str, bodies: Iterable[Iterable[bytes]]) -> Response:
     boundary = uuid.uuid4().hex
-    inner = content_type.split(";")[0]
+    inner, _, syntax = content_type.partition(";")
     return StreamingResponse(
         write_parts(boundary, ((content_type, body) for body in bodies)),
-        media_type=f'multipart/related; type="{inner}"; boundary={boundary}')
+        media_type=f'multipart/related; type="{inner}";{syntax}; boundary={boundary}')
 
 
 async def _stored_frames(deps: Deps, key: BlobKey, layout: Layout, numbers: list[int],
