@@ -408,3 +408,29 @@ def test_instances_too_large_to_transcode_whole_are_refused_with_advice(
     monkeypatch.setattr(wado, "_MAX_DECODED_BYTES", 4096)
     assert httpx.get(url, headers=_accept_dicom(
         f"transfer-syntax={EXPLICIT_LE}")).status_code == 200
+
+
+@pytest.mark.parametrize("storage", ["memory", "s3"])
+def test_transcoding_reads_blobs_by_ranges_on_s3_alike(
+        storage: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Blobs without a local path are read through ranged reads: transcoding too."""
+    overrides: dict[str, str] = {"storage_url": "memory://"}
+    if storage == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        bucket = request.getfixturevalue("s3_bucket")
+        overrides = {"storage_url": s3.bucket_url(bucket), "s3_access_key": s3.access_key,
+                     "s3_secret_key": s3.secret_key}
+    with serve(tmp_path, **overrides) as web:
+        sent = compressed_ct(JPEG2000Lossless, frames=3)
+        client = web.client()
+        client.store_instances([sent])
+        web.index_all()
+        [stored] = web.deps.index.instances()
+        assert web.deps.blobs.local_path(stored.blob_key) is None
+        args = (sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID)
+        back = client.retrieve_instance(*args, media_types=(("application/dicom",
+                                                              EXPLICIT_LE),))
+        assert np.array_equal(back.pixel_array, _pixels(sent))
+        frames = client.retrieve_instance_frames(
+            *args, [3], media_types=(("application/octet-stream", EXPLICIT_LE),))
+        assert frames == [_pixels(sent)[2].astype("<u2").tobytes()]
