@@ -120,9 +120,8 @@ def _plan_instances(deps: Deps, found: list[StoredInstance], choices: list[str]
         header = None
         for choice in choices:
             if choice in (STORED, stored):
-                if STORED not in possible:
-                    possible.append(STORED)
-                continue
+                possible.append(STORED)
+                break  # the stored bytes can always be sent: later choices are never used
             if header is None:
                 header = read_layout(deps.blobs, instance.blob_key, stored).dataset
             reason = impossible(header, stored, choice) or _too_large(header)
