@@ -78,3 +78,17 @@ def part10(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def jpeg_baseline_colour(rows: int = 32, columns: int = 48, **kw: Any) -> Dataset:
+    """A colour image in JPEG Baseline as cameras and ultrasound send it (YBR_FULL_422)."""
+    ds = jpeg_baseline(rows=rows, columns=columns, **kw)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = \
+        3, "YBR_FULL_422", 0
+    y, x = np.mgrid[0:rows, 0:columns]
+    rgb = np.stack([x * 255 // columns, y * 255 // rows, (x + y) % 256], axis=-1)
+    buf = io.BytesIO()
+    Image.fromarray(rgb.astype(np.uint8), mode="RGB").save(buf, format="JPEG", quality=90)
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    return ds

@@ -22,7 +22,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from tests.support.compressed import compressed_ct, jpeg_baseline, native_ct, part10
+from tests.support.compressed import (
+    compressed_ct,
+    jpeg_baseline,
+    jpeg_baseline_colour,
+    native_ct,
+    part10,
+)
 from vna.dicom.part10 import file_meta_bytes, read_header
 from vna.dicom.transcode import (
     TranscodeError,
@@ -136,3 +142,22 @@ def test_big_endian_frame_comes_out_little_endian() -> None:
     frame = transcode_frame(io.BytesIO(be), header, ExplicitVRBigEndian, 1,
                             ExplicitVRLittleEndian)
     assert frame == original.pixel_array[1].astype("<u2").tobytes()
+
+
+def test_colour_jpeg_decodes_to_rgb_and_says_so() -> None:
+    original = jpeg_baseline_colour()
+    raw = part10(original)
+    expected = _decoded(raw)  # pydicom converts YCbCr to RGB
+    out = pydicom.dcmread(io.BytesIO(transcode_instance(io.BytesIO(raw),
+                                                        ExplicitVRLittleEndian)))
+    assert out.PhotometricInterpretation == "RGB"
+    assert out.SamplesPerPixel == 3 and out.PlanarConfiguration == 0
+    assert np.array_equal(out.pixel_array, expected)
+    header = pydicom.dcmread(io.BytesIO(raw), stop_before_pixels=True)
+    frame = transcode_frame(io.BytesIO(raw), header, JPEGBaseline8Bit, 0,
+                            ExplicitVRLittleEndian)
+    assert frame == expected.tobytes()  # pixel-interleaved RGB
+    # Re-encoded losslessly from the decoded RGB: the same pixels come back.
+    j2k = transcode_instance(io.BytesIO(raw), JPEG2000Lossless)
+    assert np.array_equal(_decoded(j2k), expected)
+    assert pydicom.dcmread(io.BytesIO(j2k)).LossyImageCompression == "01"
