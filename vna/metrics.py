@@ -16,3 +16,6 @@ STORE_SECONDS = Histogram(
 INSTANCES_INDEXED = Counter("vna_instances_indexed_total", "Instances added to the index")
 INDEX_LAG = Gauge("vna_index_lag", "Stored instances not yet in the index")
 QUEUE_DEPTH = Gauge("vna_queue_depth", "Events waiting: outbox plus bus queues")
+TRANSCODES = Counter("vna_transcodes_total",
+                     "Instances or frames sent in another transfer syntax than stored",
+                     ["kind", "outcome"])

@@ -34,11 +34,15 @@ CAPABILITIES: dict[str, object] = {
                      "{study|series|instance}/thumbnail"],
         "rendered-media-types": ["image/jpeg", "image/png"],
         "rendered-parameters": ["window", "viewport", "quality"],
-        "transfer-syntax": "as stored ('*' or absent); no transcoding yet (406 otherwise)",
+        "transfer-syntax": "'*' as stored; a named syntax is transcoded (decode: native, "
+                           "JPEG, JPEG-LS, JPEG 2000, HTJ2K, RLE; encode: native, RLE, "
+                           "JPEG-LS, JPEG 2000, always lossless); 406 when none acceptable",
     },
     "stow-rs": {
         "resources": ["/studies", "/studies/{study}"],
-        "media-types": ['multipart/related; type="application/dicom"'],
+        "media-types": ['multipart/related; type="application/dicom"',
+                        'multipart/related; type="application/dicom+json" (bulk data parts '
+                        "by Content-Location)"],
     },
 }
 
@@ -65,7 +69,8 @@ def create_app(deps: Deps) -> FastAPI:
         # The reason also goes in a Warning header: DICOMweb clients show it (PS3.18 8.6.3).
         headers = dict(exc.headers or {})
         if exc.status_code >= 400 and isinstance(exc.detail, str):
-            reason = exc.detail.replace('"', "'").encode("ascii", "replace").decode()
+            reason = " ".join(exc.detail.replace('"', "'").split())  # one line: a header
+            reason = reason.encode("ascii", "replace").decode()
             headers.setdefault("Warning", f'299 VNA: "{reason}"')
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=headers)

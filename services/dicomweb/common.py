@@ -67,10 +67,14 @@ class MediaRange:
     media_type: str
     transfer_syntax: str | None
     multipart: bool
+    q: float = 1.0
 
 
 def accepted(request: Request) -> list[MediaRange]:
-    """The media ranges of ``Accept`` with q > 0, in the client's order (none: empty)."""
+    """The media ranges of ``Accept`` with q > 0, in the client's order (none: empty).
+
+    ``by_preference`` orders them by q-value.
+    """
     header = request.headers.get("accept", "").strip()
     out: list[MediaRange] = []
     if not header:
@@ -78,16 +82,22 @@ def accepted(request: Request) -> list[MediaRange]:
     for item in _split_accept(header):
         media, params = parse_content_type(item)
         try:
-            if float(params.get("q", "1")) <= 0:
-                continue
+            q = float(params.get("q", "1"))
         except ValueError:
+            continue
+        if q <= 0:
             continue
         if media == "multipart/related":
             inner = params.get("type", "*/*").lower()
-            out.append(MediaRange(inner, params.get("transfer-syntax"), True))
+            out.append(MediaRange(inner, params.get("transfer-syntax"), True, q))
         else:
-            out.append(MediaRange(media, params.get("transfer-syntax"), False))
+            out.append(MediaRange(media, params.get("transfer-syntax"), False, q))
     return out
+
+
+def by_preference(ranges: list[MediaRange]) -> list[MediaRange]:
+    """Highest q-value first; equal q-values keep the client's order."""
+    return sorted(ranges, key=lambda r: -r.q)
 
 
 def _split_accept(header: str) -> list[str]:

@@ -4,7 +4,8 @@ Rendering applies, in order, the Modality LUT (rescale or LUT sequence), the
 VOI LUT (the ``window`` parameter, else the data set's window or VOI LUT
 sequence, else the pixel range), MONOCHROME1 inversion, then ``viewport``
 scaling. It decodes what pydicom can decode with the plugins installed
-(native, RLE, and what Pillow reads); anything else gets 406.
+(native, RLE, JPEG, JPEG-LS, JPEG 2000, HTJ2K: pylibjpeg, pyjpegls, Pillow);
+anything else gets 406.
 
 A multi-frame instance's ``/rendered`` renders its first frame; other frames
 through ``/frames/{n}/rendered``. Thumbnails are the rendered first frame of

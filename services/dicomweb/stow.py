@@ -5,6 +5,18 @@ directory as it arrives, then handed to the same ``store_instance`` C-STORE
 uses (in a worker thread: it does blocking I/O and fsyncs). A part that fails
 fails alone.
 
+``type="application/dicom+json"``: the application/dicom+json parts hold
+instances in the DICOM JSON model (an array, or one object); every other part
+is bulk data, staged byte for byte and found by its Content-Location (or
+``cid:`` Content-ID) from the instances' BulkDataURIs. Its media type names
+the pixel data's transfer syntax (application/octet-stream: uncompressed;
+image/jpeg, image/jls, image/jp2, ...: PS3.18 Table 8.7.3-5, or the
+``transfer-syntax`` parameter). After the whole body is in, each instance is
+made into a Part-10 file (vna/dicom/json_instance.py) and stored through the
+same ``store_instance``; one that cannot be built fails alone with 0xC000.
+application/dicom+xml is refused with 415. The reasons for failures are also
+given, for people, in a Warning header.
+
 FailureReason (0008,1197) per store failure, the DIMSE storage statuses
 (PS3.4 B.2.3) the C-STORE SCP answers too:
 
@@ -30,6 +42,7 @@ not multipart/related application/dicom, 400 for a malformed body.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -42,10 +55,18 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from services.dicomweb.common import APPLICATION_DICOM, DICOM_JSON, DepsDep, base_url
+from services.dicomweb.common import (
+    APPLICATION_DICOM,
+    DICOM_JSON,
+    OCTET_STREAM,
+    DepsDep,
+    base_url,
+)
 from services.dicomweb.multipart import MultipartError, Part, parse_content_type, read_parts
+from services.dicomweb.negotiation import DEFAULT_FRAME_SYNTAX
 from vna.bootstrap import Deps
 from vna.dicom import status
+from vna.dicom.json_instance import BulkPart, JsonInstanceError, json_uids, write_instance
 from vna.dicom.part10 import MAGIC, PREAMBLE, NotPart10Error, read_header
 from vna.dicom.uids import is_valid_uid
 from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
@@ -63,6 +84,7 @@ FAILURE_REASON = {
     StoreFailure.SERIES_CONFLICT: status.SERIES_CONFLICT,
 }
 
+DICOM_XML = "application/dicom+xml"
 _RETRIEVE_URL = "00081190"
 _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_SEQUENCE = "00081199"
@@ -78,6 +100,7 @@ class _Outcome:
     stored: bool
     failure: StoreFailure | None = None
     retrieve_url: str = ""
+    reason: str = ""
 
 
 def _staging_dir(deps: Deps) -> Path:
@@ -147,7 +170,8 @@ def _store_part(path: Path, study: str | None, deps: Deps, staging: Path, root: 
                                 blobs=deps.blobs, index=deps.index, staging_dir=staging)
     except StoreError as exc:
         sop_class, sop_uid = _uids_of(path)
-        return _Outcome(sop_class, sop_uid, stored=False, failure=exc.failure)
+        return _Outcome(sop_class, sop_uid, stored=False, failure=exc.failure,
+                        reason=exc.reason)
     ref = result.ref
     return _Outcome(
         result.sop_class_uid, ref.sop_instance_uid, stored=True,
@@ -184,12 +208,95 @@ def store_response(outcomes: list[_Outcome], study_url: str | None) -> dict[str,
     return dict(sorted(body.items()))
 
 
+class _BulkFile:
+    """A bulk data part's body, byte for byte, in a staging file."""
+
+    def __init__(self, directory: Path) -> None:
+        fd, name = tempfile.mkstemp(prefix="stow-", suffix=".bulk", dir=directory)
+        self.path = Path(name)
+        self.fp: BinaryIO = os.fdopen(fd, "wb")
+
+    def write(self, data: bytes, /) -> int:
+        return self.fp.write(data)
+
+    def close(self) -> None:
+        self.fp.close()
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.fp.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+class _JsonBuffer:
+    """An application/dicom+json part, in memory up to a limit."""
+
+    LIMIT = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.too_large = False
+
+    def write(self, data: bytes, /) -> int:
+        if len(self.data) + len(data) > self.LIMIT:
+            self.too_large = True
+        else:
+            self.data += data
+        return len(data)
+
+
+def _part_syntax(content_type: str) -> str | None:
+    """The transfer syntax a bulk data part's Content-Type names (PS3.18 Table 8.7.3-5)."""
+    media, params = parse_content_type(content_type or OCTET_STREAM)
+    named = params.get("transfer-syntax")
+    if named and named != "*":
+        return named
+    return DEFAULT_FRAME_SYNTAX.get(media)
+
+
+def _locations(part: Part) -> list[str]:
+    """The names a BulkDataURI may use for this part: Content-Location, cid:Content-ID."""
+    out = []
+    if part.headers.get("content-location"):
+        out.append(part.headers["content-location"])
+    content_id = part.headers.get("content-id", "").strip().strip("<>")
+    if content_id:
+        out.append(f"cid:{content_id}")
+    return out
+
+
+def _store_json_instance(obj: Any, bulk: dict[str, BulkPart], study: str | None, deps: Deps,
+                         staging: Path, root: str) -> _Outcome:
+    sop_class, sop_uid = json_uids(obj)
+    fd, name = tempfile.mkstemp(prefix="stow-", suffix=".dcm", dir=staging)
+    os.close(fd)
+    path = Path(name)
+    try:
+        try:
+            write_instance(obj, bulk, path)
+        except JsonInstanceError as exc:
+            log.warning("refused JSON instance: %s", exc, extra={"sop_instance_uid": sop_uid})
+            return _Outcome(sop_class, sop_uid, stored=False, failure=StoreFailure.UNREADABLE,
+                            reason=str(exc))
+        return _store_part(path, study, deps, staging, root)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
     media, params = parse_content_type(request.headers.get("content-type", ""))
     inner = params.get("type", "").lower()
-    if media != "multipart/related" or inner not in (APPLICATION_DICOM, ""):
+    if media == "multipart/related" and inner == DICOM_XML:
+        raise HTTPException(415, "application/dicom+xml is not supported: send "
+                                 'type="application/dicom", or type="application/dicom+json" '
+                                 "with bulk data parts")
+    if media != "multipart/related" or inner not in (APPLICATION_DICOM, DICOM_JSON, ""):
         raise HTTPException(
-            415, 'expected Content-Type: multipart/related; type="application/dicom"')
+            415, 'expected Content-Type: multipart/related; type="application/dicom" '
+                 '(or type="application/dicom+json" with bulk data parts)')
+    json_mode = inner == DICOM_JSON
     boundary = params.get("boundary")
     if not boundary:
         raise HTTPException(400, "multipart/related without a boundary")
@@ -198,22 +305,43 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
     staging = _staging_dir(deps)
     root = base_url(request)
     outcomes: list[_Outcome] = []
-    current: dict[int, _PartFile] = {}
+    current: dict[int, _PartFile | _BulkFile | _JsonBuffer] = {}
+    # JSON mode: instances wait for the end of the body, when all bulk data is in.
+    json_instances: list[Any] = []
+    bulk: dict[str, BulkPart] = {}
+    bulk_files: list[_BulkFile] = []
 
-    def open_part(part: Part) -> _PartFile:
-        sink = _PartFile(staging)
+    def open_part(part: Part) -> _PartFile | _BulkFile | _JsonBuffer:
+        part_media, _ = parse_content_type(part.content_type or inner or APPLICATION_DICOM)
+        sink: _PartFile | _BulkFile | _JsonBuffer
+        if not json_mode or part_media == APPLICATION_DICOM:
+            sink = _PartFile(staging)
+        elif part_media == DICOM_JSON:
+            sink = _JsonBuffer()
+        else:
+            sink = _BulkFile(staging)
+            bulk_files.append(sink)
         current[id(part)] = sink
         return sink
 
     async def close_part(part: Part) -> None:
         sink = current.pop(id(part))
+        if isinstance(sink, _JsonBuffer):
+            _take_json(sink, json_instances, outcomes)
+            return
+        if isinstance(sink, _BulkFile):
+            sink.close()
+            entry = BulkPart(sink.path, _part_syntax(part.content_type))
+            for location in _locations(part):
+                bulk[location] = entry
+            return
         try:
             sink.close()
             part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
             if part_media != APPLICATION_DICOM:
-                # application/dicom+json with bulk data is not supported yet.
-                outcomes.append(_Outcome("", "", stored=False,
-                                         failure=StoreFailure.UNREADABLE))
+                outcomes.append(_Outcome("", "", stored=False, failure=StoreFailure.UNREADABLE,
+                                         reason=f"a part of type {part_media} in a request of "
+                                                "application/dicom"))
                 return
             outcomes.append(await run_in_threadpool(
                 _store_part, sink.path, study, deps, staging, root))
@@ -222,11 +350,17 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
 
     try:
         await read_parts(request.stream(), boundary, open_part, close_part)
+        for obj in json_instances:
+            outcomes.append(await run_in_threadpool(
+                _store_json_instance, obj, bulk, study, deps, staging, root))
     except MultipartError as exc:
         raise HTTPException(400, f"malformed multipart body: {exc}") from exc
     finally:
         for sink in current.values():
-            sink.discard()
+            if not isinstance(sink, _JsonBuffer):
+                sink.discard()
+        for bulk_file in bulk_files:
+            bulk_file.discard()
     if not outcomes:
         raise HTTPException(400, "the request holds no part")
     stored = sum(o.stored for o in outcomes)
@@ -235,6 +369,11 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
     study_url = f"{root}/studies/{study}" if study else None
     body = store_response(outcomes, study_url)
     headers: dict[str, str] = {}
+    reasons = sorted({o.reason for o in outcomes if not o.stored and o.reason})
+    if reasons:
+        # FailureReason is a code; the words go in a Warning for people (PS3.18 8.6.3).
+        text = " ".join("; ".join(reasons[:3]).replace('"', "'").split())
+        headers["Warning"] = '299 VNA: "' + text.encode("ascii", "replace").decode()[:900] + '"'
     if stored == len(outcomes):
         code = 200
     elif stored:
@@ -246,6 +385,22 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
         code = 409
     log.info("stow", extra={"parts": len(outcomes), "stored": stored, "status": code})
     return JSONResponse(body, status_code=code, media_type=DICOM_JSON, headers=headers)
+
+
+def _take_json(buffer: _JsonBuffer, instances: list[Any], outcomes: list[_Outcome]) -> None:
+    """The instances of an application/dicom+json part (an array, or one object)."""
+    if buffer.too_large:
+        outcomes.append(_Outcome("", "", stored=False, failure=StoreFailure.UNREADABLE,
+                                 reason="application/dicom+json part larger than "
+                                        f"{_JsonBuffer.LIMIT} bytes"))
+        return
+    try:
+        parsed = json.loads(bytes(buffer.data))
+    except (ValueError, UnicodeDecodeError) as exc:
+        outcomes.append(_Outcome("", "", stored=False, failure=StoreFailure.UNREADABLE,
+                                 reason=f"application/dicom+json part is not JSON: {exc}"))
+        return
+    instances.extend(parsed if isinstance(parsed, list) else [parsed])
 
 
 def _wake(hook: Callable[[], None] | None) -> None:

@@ -1,13 +1,17 @@
 """WADO-RS (PS3.18 10.4): instances, metadata, bulk data and frames, from the stored bytes.
 
-Transfer syntaxes: nothing is transcoded yet. ``transfer-syntax=*`` or no
-transfer-syntax parameter returns the stored bytes, and each part's
-Content-Type says which syntax they are in; a request that names only other
-syntaxes gets 406. Frames of encapsulated pixel data are returned as their
-compressed fragments, typed with the stored syntax (``image/jls;
-transfer-syntax=...``, or ``application/octet-stream; transfer-syntax=...``
-when the client asked for octet-stream) — a client that needs decoded pixels
-must decode them itself until transcoding lands.
+Transfer syntaxes are negotiated through ``Accept`` (services/dicomweb/negotiation.py):
+``transfer-syntax=*`` returns the stored bytes; a named syntax other than the
+stored one is produced by vna/dicom/transcode.py, one instance (or frame) at a
+time while the multipart response streams, and each part's Content-Type names
+the syntax actually sent. The stored blob is only read (invariant 2).
+
+Instances: before answering, every instance whose acceptable syntaxes need a
+transcode has its header checked (decoder, encoder, pixel format); those that
+cannot be sent in any acceptable syntax are left out with 206 and a Warning,
+and when none can be sent the answer is 406 with the reasons. The first part
+is produced before the status is sent; a later instance that fails to decode
+leaves the stream unfinished rather than sending something else.
 
 Responses stream from the blob store one chunk at a time; metadata is the
 stored DICOM JSON joined as strings, cached per study/series under an ETag
@@ -18,48 +22,66 @@ the stored bytes are never rewritten.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
+import os
 import re
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
+from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
 
 from services.dicomweb.common import (
     APPLICATION_DICOM,
     DICOM_JSON,
-    EXPLICIT_VR_BIG_ENDIAN,
-    EXPLICIT_VR_LITTLE_ENDIAN,
-    FRAME_MEDIA_TYPE,
     NATIVE_TRANSFER_SYNTAXES,
     OCTET_STREAM,
     DepsDep,
-    MediaRange,
     accepted,
     json_bytes_response,
     media_matches,
 )
 from services.dicomweb.layout import (
     Extent,
+    Layout,
     LayoutError,
     element_value,
     encapsulated_frame,
     native_frame,
+    number_of_frames,
+    open_blob,
     read_layout,
 )
 from services.dicomweb.multipart import write_parts
+from services.dicomweb.negotiation import (
+    STORED,
+    dicom_choices,
+    frame_choices,
+    sent_frame_syntax,
+)
+from vna import metrics
 from vna.bootstrap import Deps
+from vna.dicom.transcode import TranscodeError, impossible, transcode_frame, transcode_instance
 from vna.dicom.uids import is_valid_uid
 from vna.model import BlobKey, StoredInstance
 from vna.usecases.corrected import Overlays, corrected_copy
 
+log = logging.getLogger("vna.dicomweb.wado")
 router = APIRouter()
 
 _CHUNK = 1 << 20
+# Transcoding is CPU-bound and holds a decoded instance: one per core at a time
+# bounds both, however many requests the thread pool runs.
+_TRANSCODE_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
+_MAX_DECODED_BYTES = 1 << 30
 _METADATA_TTL = 3600.0
-_NOT_TRANSCODED = "transcoding is not supported yet: ask for transfer-syntax=* or "
 
 
 def _check_uids(**uids: str | None) -> None:
@@ -80,69 +102,184 @@ async def _find(deps: Deps, study: str, series: str | None = None, sop: str | No
 
 
 # ------------------------------------------------------------------ instances
-def _dicom_syntaxes(request: Request) -> set[str] | None:
-    """Transfer syntaxes acceptable for application/dicom; None means 'as stored'."""
-    ranges = accepted(request)
-    if not ranges:
-        return None
-    wanted: set[str] = set()
-    for r in ranges:
-        if not media_matches(r.media_type, APPLICATION_DICOM):
+@dataclass(frozen=True)
+class _Planned:
+    instance: StoredInstance
+    choices: list[str]
+    """Syntaxes to try, best first, each possible for this instance from its header."""
+
+
+def _plan_instances(deps: Deps, found: list[StoredInstance], choices: list[str]
+                    ) -> tuple[list[_Planned], list[str]]:
+    """Per instance, the acceptable syntaxes it can be sent in; and why others cannot.
+
+    Reads the header (pixel data deferred) of an instance only when an
+    acceptable syntax needs transcoding, so as-stored retrievals read nothing.
+    """
+    planned: list[_Planned] = []
+    refused: list[str] = []
+    for instance in found:
+        stored = instance.transfer_syntax_uid
+        possible: list[str] = []
+        reasons: list[str] = []
+        header = None
+        for choice in choices:
+            if choice in (STORED, stored):
+                possible.append(STORED)
+                break  # the stored bytes can always be sent: later choices are never used
+            if header is None:
+                header = read_layout(deps.blobs, instance.blob_key, stored).dataset
+            reason = impossible(header, stored, choice) or _too_large(header)
+            if reason is None:
+                possible.append(choice)
+            else:
+                reasons.append(reason)
+        if possible:
+            planned.append(_Planned(instance, possible))
+        else:
+            refused.append("; ".join(reasons))
+    return planned, refused
+
+
+def _too_large(header: Dataset) -> str | None:
+    """Whole instances are decoded in memory: refuse those that would not fit."""
+    try:
+        decoded = (int(header.Rows) * int(header.Columns)
+                   * int(header.get("SamplesPerPixel", 1) or 1) * int(header.BitsAllocated)
+                   // 8 * number_of_frames(header))
+    except (AttributeError, TypeError, ValueError):
+        return None  # no pixel description: nothing to decode
+    if decoded > _MAX_DECODED_BYTES:
+        return (f"{decoded >> 20} MiB of decoded pixel data is more than this archive "
+                f"transcodes whole ({_MAX_DECODED_BYTES >> 20} MiB): ask for "
+                "transfer-syntax=* or for frames")
+    return None
+
+
+def _produce(deps: Deps, planned: _Planned, overlays: Overlays) -> tuple[str, Iterable[bytes]]:
+    """(part Content-Type, body) of one instance: the first of its choices that works.
+
+    Transcoding happens here, one instance in memory at a time; the stored
+    blob is only read. Raises ``TranscodeError`` when every choice failed.
+    """
+    instance = planned.instance
+    # A corrected study is sent with its current metadata version over the stored
+    # bytes (as received: GET /worklist/.../pristine).
+    overlay = overlays(instance.ref.study_instance_uid)
+    errors: list[str] = []
+    for choice in planned.choices:
+        if choice == STORED:
+            ts = instance.transfer_syntax_uid
+            body: Iterable[bytes] = ([corrected_copy(instance.blob_key, overlay, blobs=deps.blobs)]
+                                     if overlay else _blob(deps, instance.blob_key))
+            return f"{APPLICATION_DICOM}; transfer-syntax={ts}", body
+        try:
+            source = (contextlib.nullcontext(io.BytesIO(
+                corrected_copy(instance.blob_key, overlay, blobs=deps.blobs)))
+                if overlay else open_blob(deps.blobs, instance.blob_key))
+            with _TRANSCODE_SLOTS, source as fp:
+                data = transcode_instance(fp, choice)
+        except TranscodeError as exc:
+            metrics.TRANSCODES.labels("instance", "failed").inc()
+            log.warning("transcode failed: %s", exc,
+                        extra={"sop_instance_uid": instance.ref.sop_instance_uid})
+            errors.append(str(exc))
             continue
-        if r.transfer_syntax in (None, "*"):
-            return None
-        wanted.add(r.transfer_syntax)
-    if not wanted:
+        metrics.TRANSCODES.labels("instance", "done").inc()
+        return f"{APPLICATION_DICOM}; transfer-syntax={choice}", _slices(data)
+    raise TranscodeError("; ".join(errors))
+
+
+def _blob(deps: Deps, key: BlobKey) -> Iterator[bytes]:
+    with deps.blobs.open(key) as fp:
+        while chunk := fp.read(_CHUNK):
+            yield chunk
+
+
+def _slices(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for at in range(0, len(view), _CHUNK):
+        yield bytes(view[at:at + _CHUNK])
+
+
+async def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -> Response:
+    choices = dicom_choices(accepted(request))
+    if not choices:
         raise HTTPException(406, 'this resource is multipart/related; type="application/dicom"')
-    return wanted
+    planned, refused = await run_in_threadpool(_plan_instances, deps, found, choices)
 
+    def first() -> tuple[int, tuple[str, Iterable[bytes]] | None]:
+        # The first part is made before answering, so that an instance that
+        # cannot be converted is reported with a status, not a broken stream.
+        for at, item in enumerate(planned):
+            try:
+                return at, _produce(deps, item, overlays)
+            except TranscodeError as exc:
+                refused.append(str(exc))
+        return len(planned), None
 
-def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -> Response:
-    wanted = _dicom_syntaxes(request)
-    if wanted is not None:
-        other = sorted({i.transfer_syntax_uid for i in found} - wanted)
-        if other:
-            raise HTTPException(406, _NOT_TRANSCODED + "the stored syntax " + ", ".join(other))
+    overlays = Overlays(deps.index)
+    at, head = await run_in_threadpool(first)
+    if head is None:
+        raise HTTPException(406, "no acceptable transfer syntax can be sent: " + _summary(refused))
+    rest = planned[at + 1:]
+
+    def parts() -> Iterator[tuple[str, Iterable[bytes]]]:
+        yield head
+        for item in rest:
+            # Headers are sent: an instance that fails now ends the response
+            # unfinished (no closing boundary), which clients see as an error.
+            yield _produce(deps, item, overlays)
+
+    headers: dict[str, str] = {}
+    status = 200
+    if refused:
+        # PS3.18 8.6.3: some instances could not be sent in an acceptable syntax.
+        status = 206
+        reason = " ".join(_summary(refused).replace('"', "'").split())
+        reason = reason.encode("ascii", "replace").decode()
+        headers["Warning"] = f'299 VNA: "{len(refused)} instance(s) not sent: {reason}"'
     boundary = uuid.uuid4().hex
-    items = [(i.blob_key, i.transfer_syntax_uid, i.ref.study_instance_uid) for i in found]
-    blobs = deps.blobs
-    overlay_of = Overlays(deps.index)
-
-    def blob(key: BlobKey, study: str) -> Iterator[bytes]:
-        overlay = overlay_of(study)
-        if overlay:
-            # A corrected study: its current metadata version over the stored bytes.
-            yield corrected_copy(key, overlay, blobs=blobs)
-            return
-        with blobs.open(key) as fp:
-            while chunk := fp.read(_CHUNK):
-                yield chunk
-
+    media_type = f'multipart/related; type="{APPLICATION_DICOM}"'
+    # The whole response names its syntax only when no part can come in another.
+    sent = {item.instance.transfer_syntax_uid if item.choices[0] == STORED
+            else item.choices[0] for item in planned[at:] if len(item.choices) == 1}
+    if len(sent) == 1 and all(len(item.choices) == 1 for item in planned[at:]):
+        media_type += f"; transfer-syntax={sent.pop()}"
     # Sync generators: Starlette iterates them in a worker thread, so blocking
-    # reads from the blob store do not stall the event loop.
-    parts = ((f"{APPLICATION_DICOM}; transfer-syntax={ts}", blob(key, study))
-             for key, ts, study in items)
+    # reads and transcoding do not stall the event loop.
     return StreamingResponse(
-        write_parts(boundary, parts),
-        media_type=f'multipart/related; type="{APPLICATION_DICOM}"; boundary={boundary}')
+        write_parts(boundary, parts()), status_code=status, headers=headers,
+        media_type=f"{media_type}; boundary={boundary}")
+
+
+def _summary(reasons: list[str], limit: int = 3) -> str:
+    """Distinct reasons, most frequent first, each with how many instances it concerns."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason] = counts.get(reason, 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    shown = "; ".join(f"{reason} ({n} instance{'s' if n > 1 else ''})"
+                      for reason, n in ranked[:limit])
+    return shown + (f"; and {len(ranked) - limit} other reasons" if len(ranked) > limit else "")
 
 
 @router.get("/studies/{study}")
 async def retrieve_study(study: str, request: Request, deps: DepsDep
                          ) -> Response:
-    return _retrieve(request, deps, await _find(deps, study))
+    return await _retrieve(request, deps, await _find(deps, study))
 
 
 @router.get("/studies/{study}/series/{series}")
 async def retrieve_series(study: str, series: str, request: Request,
                           deps: DepsDep) -> Response:
-    return _retrieve(request, deps, await _find(deps, study, series))
+    return await _retrieve(request, deps, await _find(deps, study, series))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}")
 async def retrieve_instance(study: str, series: str, sop: str, request: Request,
                             deps: DepsDep) -> Response:
-    return _retrieve(request, deps, await _find(deps, study, series, sop))
+    return await _retrieve(request, deps, await _find(deps, study, series, sop))
 
 
 # ------------------------------------------------------------------ metadata
@@ -283,27 +420,6 @@ def _frame_numbers(raw: str) -> list[int]:
     return numbers
 
 
-def _frame_type(request: Request, stored_ts: str) -> str:
-    """The part Content-Type for frames, or 406 when the client wants another syntax."""
-    native = stored_ts in NATIVE_TRANSFER_SYNTAXES
-    # Native little endian frames are the same bytes in every little endian syntax.
-    produced = EXPLICIT_VR_BIG_ENDIAN if stored_ts == EXPLICIT_VR_BIG_ENDIAN else (
-        EXPLICIT_VR_LITTLE_ENDIAN if native else stored_ts)
-    media = OCTET_STREAM if native else FRAME_MEDIA_TYPE.get(stored_ts, OCTET_STREAM)
-    ranges: list[MediaRange] = accepted(request) or [MediaRange("*/*", None, True)]
-    for r in ranges:
-        if not (media_matches(r.media_type, media) or media_matches(r.media_type, OCTET_STREAM)):
-            continue
-        # The client's own type when it named one we can label the frames with.
-        typed = OCTET_STREAM if r.media_type == OCTET_STREAM else media
-        if r.transfer_syntax == "*" or r.transfer_syntax == produced:
-            return f"{typed}; transfer-syntax={produced}"
-        if r.transfer_syntax is None and produced != EXPLICIT_VR_BIG_ENDIAN:
-            # Compressed frames go as stored; the part type tells the client which.
-            return f"{typed}; transfer-syntax={produced}"
-    raise HTTPException(406, _NOT_TRANSCODED + f"the stored syntax {produced}")
-
-
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
 async def retrieve_instance_frames(study: str, series: str, sop: str, frames: str,
                                    request: Request, deps: DepsDep
@@ -311,10 +427,72 @@ async def retrieve_instance_frames(study: str, series: str, sop: str, frames: st
     numbers = _frame_numbers(frames)
     instance = (await _find(deps, study, series, sop))[0]
     ts = instance.transfer_syntax_uid
-    content_type = _frame_type(request, ts)
+    choices = frame_choices(accepted(request), ts)
+    if not choices:
+        raise HTTPException(406, "frames are available as application/octet-stream or as "
+                                 "image/jpeg, image/jls, image/jp2, image/jpx, image/jphc, "
+                                 "image/dicom-rle (PS3.18 Table 8.7.3-5)")
     key = instance.blob_key
     layout = await run_in_threadpool(read_layout, deps.blobs, key, ts)
-    native = ts in NATIVE_TRANSFER_SYNTAXES
+    refused: list[str] = []
+    for choice in choices:
+        sent, convert = sent_frame_syntax(ts, choice)
+        content_type = f"{choice.media_type}; transfer-syntax={sent}"
+        if not convert:
+            return await _stored_frames(deps, key, layout, numbers, content_type)
+        reason = impossible(layout.dataset, ts, sent)
+        if reason is not None:
+            refused.append(reason)
+            continue
+        count = number_of_frames(layout.dataset)
+        for n in numbers:
+            if n > count:
+                raise HTTPException(404, f"frame {n} does not exist (the instance has {count})")
+        try:
+            head = await run_in_threadpool(_transcoded_frame, deps, key, layout, numbers[0], sent)
+        except TranscodeError as exc:
+            refused.append(str(exc))
+            continue
+        rest = numbers[1:]
+
+        def bodies(head: bytes = head, rest: list[int] = rest, sent: str = sent
+                   ) -> Iterator[Iterable[bytes]]:
+            yield [head]
+            for n in rest:
+                # Headers are sent: a frame that fails now leaves the response
+                # unfinished (no closing boundary), which clients see as an error.
+                yield [_transcoded_frame(deps, key, layout, n, sent)]
+
+        return _frames_response(content_type, bodies())
+    raise HTTPException(406, "no acceptable transfer syntax can be sent: " + "; ".join(refused))
+
+
+def _transcoded_frame(deps: Deps, key: BlobKey, layout: Layout, number: int, target: str
+                      ) -> bytes:
+    try:
+        with _TRANSCODE_SLOTS, open_blob(deps.blobs, key) as fp:
+            data = transcode_frame(fp, layout.dataset, layout.transfer_syntax_uid,
+                                   number - 1, target)
+    except TranscodeError as exc:
+        metrics.TRANSCODES.labels("frame", "failed").inc()
+        log.warning("frame transcode failed: %s", exc)
+        raise
+    metrics.TRANSCODES.labels("frame", "done").inc()
+    return data
+
+
+def _frames_response(content_type: str, bodies: Iterable[Iterable[bytes]]) -> Response:
+    boundary = uuid.uuid4().hex
+    inner, _, syntax = content_type.partition(";")
+    return StreamingResponse(
+        write_parts(boundary, ((content_type, body) for body in bodies)),
+        media_type=f'multipart/related; type="{inner}";{syntax}; boundary={boundary}')
+
+
+async def _stored_frames(deps: Deps, key: BlobKey, layout: Layout, numbers: list[int],
+                         content_type: str) -> Response:
+    """Frames as their stored bytes: native extents or encapsulated fragments."""
+    native = layout.transfer_syntax_uid in NATIVE_TRANSFER_SYNTAXES
 
     def locate() -> list[list[Extent] | bytes]:
         out: list[list[Extent] | bytes] = []
@@ -330,7 +508,6 @@ async def retrieve_instance_frames(study: str, series: str, sop: str, frames: st
         located = await run_in_threadpool(locate)
     except LayoutError as exc:
         raise HTTPException(404, str(exc)) from exc
-    boundary = uuid.uuid4().hex
 
     def frame_bytes(frame: list[Extent] | bytes) -> Iterator[bytes]:
         if isinstance(frame, bytes):
@@ -339,7 +516,4 @@ async def retrieve_instance_frames(study: str, series: str, sop: str, frames: st
         for extent in frame:
             yield from _read(deps, key, extent)
 
-    inner = content_type.split(";")[0]
-    return StreamingResponse(
-        write_parts(boundary, ((content_type, frame_bytes(f)) for f in located)),
-        media_type=f'multipart/related; type="{inner}"; boundary={boundary}')
+    return _frames_response(content_type, (frame_bytes(f) for f in located))
