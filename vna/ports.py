@@ -12,7 +12,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-from vna.dicom.matching import Query
+from vna.dicom.extended import ExtraValue
+from vna.dicom.matching import Level, Query
 from vna.events import Event, InstanceStored
 from vna.model import BlobKey, InstanceClaim, StoredInstance
 
@@ -93,6 +94,26 @@ class IndexRecord:
     size: int
     transfer_syntax_uid: str
     extra: dict[str, Any] = field(default_factory=dict)
+    extended: list[ExtraValue] = field(default_factory=list)
+    """Values of the configured extended query attributes (``vna.dicom.extended``)."""
+
+
+@dataclass(frozen=True)
+class StoredHeader:
+    """An indexed instance's stored DICOM JSON with the pks of the rows that own it."""
+
+    instance_pk: int
+    owners: dict[Level, int]
+    metadata_json: str
+
+
+@dataclass(frozen=True)
+class BackfillState:
+    """How far the backfill of one extended attribute (``level:key``) has come."""
+
+    progress_key: str
+    last_instance_pk: int
+    completed: bool
 
 
 class Index(Protocol):
@@ -149,6 +170,24 @@ class Index(Protocol):
         ``event`` (e.g. ``instance.indexed``) is put in the outbox in the same
         transaction when the instance is added.
         """
+        ...
+
+    # ---- extended query attributes (backfill of values for what is already indexed)
+    def extended_progress(self) -> dict[str, BackfillState]:
+        """Backfill progress by ``ExtendedAttribute.progress_key``."""
+        ...
+
+    def extended_forget(self, keep: set[str]) -> list[str]:
+        """Forget the progress (not the values) of attributes not in ``keep``."""
+        ...
+
+    def extended_scan(self, after_pk: int, limit: int) -> list[StoredHeader]:
+        """Up to ``limit`` indexed instances after ``after_pk``, in pk order."""
+        ...
+
+    def extended_write(self, values: Sequence[tuple[int, ExtraValue]],
+                       last_pk: dict[str, int], completed: set[str]) -> None:
+        """Write ``(owner_pk, value)`` rows and the progress in one transaction."""
         ...
 
     # ---- readers

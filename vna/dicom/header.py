@@ -15,6 +15,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.matching import ATTRIBUTES, Level, normalize_person_name, stored_time
 from vna.ports import IndexRecord
 
@@ -81,9 +82,10 @@ def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
 
 
 def extract_record(
-    ds: Dataset, *, blob_key: str, size: int, transfer_syntax_uid: str
+    ds: Dataset, *, blob_key: str, size: int, transfer_syntax_uid: str,
+    extended: ExtendedAttributes = NO_EXTENDED,
 ) -> IndexRecord:
-    """The index's view of one instance."""
+    """The index's view of one instance, with the values of the ``extended`` attributes."""
     study = _text(ds, "StudyInstanceUID")
     series = _text(ds, "SeriesInstanceUID")
     sop = _text(ds, "SOPInstanceUID")
@@ -113,6 +115,8 @@ def extract_record(
         blob_key=blob_key,  # type: ignore[arg-type]
         size=size,
         transfer_syntax_uid=transfer_syntax_uid,
+        # From the DICOM JSON, as the backfill does: both index the same values.
+        extended=extended.values(metadata),
     )
 
 
