@@ -16,3 +16,10 @@ STORE_SECONDS = Histogram(
 INSTANCES_INDEXED = Counter("vna_instances_indexed_total", "Instances added to the index")
 INDEX_LAG = Gauge("vna_index_lag", "Stored instances not yet in the index")
 QUEUE_DEPTH = Gauge("vna_queue_depth", "Events waiting: outbox plus bus queues")
+EXTENDED_BACKFILL_PENDING = Gauge(
+    "vna_extended_backfill_pending",
+    "1 while the values of an extended query attribute are being backfilled",
+    ["attribute"],
+)
+EXTENDED_BACKFILLED = Counter("vna_extended_backfilled_instances_total",
+                              "Instances read by the extended-attribute backfill")

@@ -12,6 +12,7 @@ from typing import BinaryIO
 from pydicom.dataset import Dataset
 
 from vna import metrics
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.header import extract_record, read_dataset
 from vna.events import Event, InstanceIndexed, InstanceStored
 from vna.model import BlobKey
@@ -20,11 +21,16 @@ from vna.ports import BlobStore, Index, IndexRecord
 log = logging.getLogger("vna.index")
 
 
-def index_instance(event: Event, *, blobs: BlobStore, index: Index) -> bool:
-    """Index the instance ``event`` announces. Redelivery adds nothing (True if added)."""
+def index_instance(event: Event, *, blobs: BlobStore, index: Index,
+                   extended: ExtendedAttributes = NO_EXTENDED) -> bool:
+    """Index the instance ``event`` announces. Redelivery adds nothing (True if added).
+
+    The values of the configured ``extended`` query attributes are written with
+    the instance's rows, in the same transaction.
+    """
     if not isinstance(event, InstanceStored):
         return False
-    _, record = read_blob_record(event.blob_key, blobs, event.size)
+    _, record = read_blob_record(event.blob_key, blobs, event.size, extended=extended)
     indexed = InstanceIndexed(
         sop_instance_uid=event.sop_instance_uid,
         study_instance_uid=event.study_instance_uid,
@@ -55,7 +61,8 @@ def seekable_blob(key: BlobKey, blobs: BlobStore) -> Iterator[BinaryIO]:
         yield tmp
 
 
-def read_blob_record(key: BlobKey, blobs: BlobStore, size: int | None = None
+def read_blob_record(key: BlobKey, blobs: BlobStore, size: int | None = None, *,
+                     extended: ExtendedAttributes = NO_EXTENDED
                      ) -> tuple[Dataset, IndexRecord]:
     """The parsed header and the index record of a stored blob (indexer and reindex)."""
     with seekable_blob(key, blobs) as fp:
@@ -64,5 +71,5 @@ def read_blob_record(key: BlobKey, blobs: BlobStore, size: int | None = None
         ts = str(ds.file_meta.TransferSyntaxUID)
         record = extract_record(ds, blob_key=key,
                                 size=blobs.size(key) if size is None else size,
-                                transfer_syntax_uid=ts)
+                                transfer_syntax_uid=ts, extended=extended)
     return ds, record

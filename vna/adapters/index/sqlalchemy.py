@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
+from vna.adapters.index import extra
 from vna.adapters.index.schema import (
     audit,
     claims,
@@ -49,14 +50,17 @@ from vna.adapters.index.schema import (
     study_patients,
 )
 from vna.audit import chain_hash
+from vna.dicom.extended import ExtraValue
 from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
 from vna.events import Event, InstanceStored, encode_event
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
 from vna.ports import (
+    BackfillState,
     ClaimOutcome,
     ConflictError,
     ConflictKind,
     IndexRecord,
+    StoredHeader,
     Unavailable,
 )
 
@@ -404,6 +408,11 @@ class SqlIndex:
                     .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
                 )
                 added = bool(result.rowcount)
+                if added and record.extended:
+                    extra.write_values(conn, extra.owned_values(record.extended, {
+                        Level.PATIENT: patient_pk, Level.STUDY: study_pk,
+                        Level.SERIES: series_pk,
+                        Level.IMAGE: int(result.inserted_primary_key[0])}))
                 if added and event is not None:
                     conn.execute(outbox.insert().values(
                         routing_key=event.routing_key, payload=encode_event(event),
@@ -419,6 +428,28 @@ class SqlIndex:
             return int(row.pk)
         conn.execute(self._insert(table).values(**values).on_conflict_do_nothing())
         return int(conn.execute(select(table.c.pk).where(where)).scalar_one())
+
+    # ------------------------------------------------------------ extended attributes
+    def extended_progress(self) -> dict[str, BackfillState]:
+        with self.engine.connect() as conn:
+            return extra.progress(conn)
+
+    def extended_forget(self, keep: set[str]) -> list[str]:
+        with self._write() as conn:
+            return extra.forget(conn, keep)
+
+    def extended_scan(self, after_pk: int, limit: int) -> list[StoredHeader]:
+        with self.engine.connect() as conn:
+            return extra.scan(conn, after_pk, limit)
+
+    def extended_write(self, values: Sequence[tuple[int, ExtraValue]],
+                       last_pk: dict[str, int], completed: set[str]) -> None:
+        try:
+            with self._write() as conn:
+                extra.write_values(conn, values)
+                extra.record_progress(conn, last_pk, completed)
+        except _SAError as exc:
+            raise Unavailable(f"index database: {exc}") from exc
 
     # ------------------------------------------------------------ readers
     def instances(
@@ -620,6 +651,8 @@ class _Search:
         return table.c[column_name(keyword + ("_norm" if norm else ""))]
 
     def _condition(self, m: Match) -> ColumnElement[bool]:
+        if m.extended is not None:
+            return extra.condition(m, _TABLE_OF_LEVEL[m.extended.level].c.pk)
         if m.keyword == "ModalitiesInStudy":
             modalities = list(m.values)
             cond: ColumnElement[bool] = (
@@ -693,7 +726,7 @@ class _Search:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
             if rows:
                 self._computed(conn, rows)
-                if q.extra_return_keys:
+                if q.extra_return_keys or q.extended_return:
                     self._representative_metadata(conn, rows)
         return rows
 
