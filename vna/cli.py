@@ -42,9 +42,18 @@ def subscribe_indexer(deps: Deps) -> None:
     from vna.usecases.index import index_instance
 
     def handle(event: Event) -> None:
-        index_instance(event, blobs=deps.blobs, index=deps.index)
+        index_instance(event, blobs=deps.blobs, index=deps.index, extended=deps.extended)
 
     deps.bus.subscribe(INDEX_QUEUE, ["instance.stored"], handle)
+
+
+def start_backfill(deps: Deps) -> Any:
+    """Backfill newly configured extended query attributes in the background."""
+    from vna.usecases.backfill import BackgroundBackfill
+
+    backfill = BackgroundBackfill(deps.extended, index=deps.index)
+    backfill.start()
+    return backfill
 
 
 def _serve_http(deps: Deps, stop: StopSignal) -> Any:
@@ -108,6 +117,7 @@ def cmd_run(settings: Settings) -> int:
     subscribe_indexer(deps)
     hl7 = _start_worklist(deps)
     deps.bus.start()
+    backfill = start_backfill(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
     deps.extras["on_stored"] = relay.wake  # STOW-RS wakes the relay as C-STORE does
@@ -140,6 +150,7 @@ def cmd_run(settings: Settings) -> int:
         dimse.shutdown()
     http.should_exit = True
     http_thread.join(timeout=10)
+    backfill.stop()
     relay.stop()
     deps.close()
     return 0
@@ -253,8 +264,10 @@ def cmd_index(settings: Settings) -> int:
     deps.bus.start()
     relay = OutboxRelay(index=deps.index, bus=deps.bus)  # instance.indexed events
     relay.start()
+    backfill = start_backfill(deps)
     print("VNA index ready", flush=True)
     stop.wait()
+    backfill.stop()
     relay.stop()
     deps.close()
     return 0
@@ -285,11 +298,34 @@ def cmd_reindex(settings: Settings) -> int:
     from vna.usecases.reindex import reindex
 
     deps = build(settings)
-    report = reindex(blobs=deps.blobs, index=deps.index)
+    report = reindex(blobs=deps.blobs, index=deps.index, extended=deps.extended)
     print(f"reindexed {report.indexed} instances from {report.blobs} blobs "
           f"({report.failed} unreadable)", flush=True)
     deps.close()
     return 0 if report.failed == 0 else 1
+
+
+def cmd_backfill(settings: Settings) -> int:
+    """Backfill the extended query attributes now, in the foreground (resumable)."""
+    from vna.usecases.backfill import backfill_extended
+
+    deps = build(settings)
+    stop = _wait_for_signal()
+    try:
+        report = backfill_extended(
+            deps.extended, index=deps.index, should_stop=stop.is_set,
+            on_batch=lambda pk: print(f"backfilled up to instance {pk}", flush=True))
+    finally:
+        deps.close()
+    if report.forgotten:
+        print("no longer configured: " + ", ".join(report.forgotten), flush=True)
+    if not report.attributes:
+        print("extended query attributes: nothing to backfill", flush=True)
+        return 0
+    state = "completed" if report.completed else "stopped (resumes where it was)"
+    print(f"backfill of {', '.join(report.attributes)} {state}: {report.instances} "
+          f"instances, {report.values} values", flush=True)
+    return 0 if report.completed else 1
 
 
 def cmd_up(settings: Settings) -> int:
@@ -361,6 +397,7 @@ COMMANDS = {
     "index": cmd_index,
     "dicomweb": cmd_dicomweb,
     "reindex": cmd_reindex,
+    "backfill": cmd_backfill,
 }
 
 

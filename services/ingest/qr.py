@@ -203,7 +203,8 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
         identifier = event.identifier
         level = _level(identifier, sop_class)
         keys = identifier_keys(identifier)
-        query = build_query(level, keys, strict=False, patient_root=sop_class in PATIENT_ROOT)
+        query = build_query(level, keys, strict=False, patient_root=sop_class in PATIENT_ROOT,
+                            extended=deps.extended)
         results = search(query, index=deps.index)
     except QueryError as exc:
         yield _failure(_find_failure_code(exc), str(exc)), None
