@@ -310,13 +310,16 @@ def cmd_backfill(settings: Settings) -> int:
     from vna.usecases.backfill import backfill_extended
 
     deps = build(settings)
-    stop = _wait_for_signal()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = _wait_for_signal()  # stops between batches; the next run resumes
     try:
         report = backfill_extended(
             deps.extended, index=deps.index, should_stop=stop.is_set,
             on_batch=lambda pk: print(f"backfilled up to instance {pk}", flush=True))
     finally:
         deps.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if report.forgotten:
         print("no longer configured: " + ", ".join(report.forgotten), flush=True)
     if not report.attributes:

@@ -131,6 +131,14 @@ class BackgroundBackfill:
                 self._stop.wait(delay)
                 delay = min(delay * 2, 60.0)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the backfill has ended; True when it completed."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+        return not self.extended or (self.report is not None and self.report.completed)
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
         if self._thread is not None:
