@@ -305,11 +305,17 @@ def cmd_reindex(settings: Settings) -> int:
     return 0 if report.failed == 0 else 1
 
 
-def cmd_backfill(settings: Settings) -> int:
-    """Backfill the extended query attributes now, in the foreground (resumable)."""
+def cmd_backfill(settings: Settings, *, restart: bool = False) -> int:
+    """Backfill the extended query attributes now, in the foreground (resumable).
+
+    ``restart``: from the first instance again, for every configured attribute
+    (after indexers with an older setting kept indexing past a completed backfill).
+    """
     from vna.usecases.backfill import backfill_extended
 
     deps = build(settings)
+    if restart:
+        deps.index.extended_forget(set())
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     stop = _wait_for_signal()  # stops between batches; the next run resumes
     try:
@@ -407,9 +413,13 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vna", description="VNA: vendor neutral archive")
     parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("--restart", action="store_true",
+                        help="backfill: start again from the first instance")
     args = parser.parse_args(argv)
     settings = Settings()
     configure(settings.log_level, settings.log_format)
+    if args.command == "backfill":
+        return cmd_backfill(settings, restart=args.restart)
     return COMMANDS[args.command](settings)
 
 

@@ -222,3 +222,7 @@ def test_backfill_online_while_queries_answer(tmp_path: Path,
     out = capsys.readouterr().out
     assert "backfill of ImageType completed" in out
     assert f"{cohort.instances + late.instances} instances" in out
+    # --restart: from the first instance again, for every configured attribute.
+    assert cmd_backfill(more, restart=True) == 0
+    out = capsys.readouterr().out
+    assert "Manufacturer, SliceThickness, ConvolutionKernel, ImageType completed" in out
