@@ -46,6 +46,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from services.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES
 from vna.bootstrap import Deps
 from vna.dicom import status
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttribute, ExtendedAttributes, element_of
 from vna.dicom.matching import Level, QueryError, build_query
 from vna.dicom.uids import is_valid_uid
 from vna.model import StoredInstance
@@ -178,11 +179,13 @@ def _as_text(elem: DataElement) -> str:
     return str(value)
 
 
-def identifier_keys(identifier: Dataset) -> dict[str, str]:
+def identifier_keys(identifier: Dataset, extended: ExtendedAttributes = NO_EXTENDED
+                    ) -> dict[str, str]:
     """Matching and return keys of a request identifier: keyword -> raw value.
 
     Multiple values are joined with backslashes (UID lists), person names are
     given as their string form; sequences and binary values are return keys only.
+    Private elements count when they are configured extended attributes (by key).
     """
     keys: dict[str, str] = {}
     for elem in identifier:
@@ -192,7 +195,38 @@ def identifier_keys(identifier: Dataset) -> dict[str, str]:
         if not keyword or keyword in _NOT_MATCHING:
             continue
         keys[keyword] = _as_text(elem)
+    for _creator, elem, attr in private_keys(identifier, extended):
+        keys[attr.key] = _private_text(elem)
     return keys
+
+
+PrivateKey = tuple[DataElement, DataElement, ExtendedAttribute]
+
+
+def private_keys(identifier: Dataset, extended: ExtendedAttributes) -> list[PrivateKey]:
+    """(creator element, element, attribute) of each configured private key requested."""
+    out: list[PrivateKey] = []
+    if not any(a.private for a in extended):
+        return out
+    for elem in identifier:
+        tag = elem.tag
+        if not tag.is_private or tag.element < 0x1000:
+            continue
+        creator = identifier.get((tag.group, tag.element >> 8))
+        if creator is None:
+            continue
+        attr = extended.lookup(
+            f"{tag.group:04X}xx{tag.element & 0xFF:02X}@{_private_text(creator).strip()}")
+        if attr is not None:
+            out.append((creator, elem, attr))
+    return out
+
+
+def _private_text(elem: DataElement) -> str:
+    # Implicit VR: a private element the dictionary does not know arrives as UN bytes.
+    if isinstance(elem.value, bytes):
+        return elem.value.decode("latin-1").rstrip("\x00 ")
+    return _as_text(elem)
 
 
 # ------------------------------------------------------------------ C-FIND
@@ -202,7 +236,8 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
     try:
         identifier = event.identifier
         level = _level(identifier, sop_class)
-        keys = identifier_keys(identifier)
+        keys = identifier_keys(identifier, deps.extended)
+        private = private_keys(identifier, deps.extended)
         query = build_query(level, keys, strict=False, patient_root=sop_class in PATIENT_ROOT,
                             extended=deps.extended)
         results = search(query, index=deps.index)
@@ -228,7 +263,7 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
             yield status.CANCEL, None
             return
         yield status.PENDING, find_response(result, level, requested, charset,
-                                            ae_title=deps.settings.ae_title)
+                                            ae_title=deps.settings.ae_title, private=private)
     yield status.SUCCESS, None
 
 
@@ -260,11 +295,13 @@ def _without_bulk_data(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def find_response(result: dict[str, Any], level: Level, requested: list[DataElement],
-                  charset: Any, *, ae_title: str) -> Dataset:
+                  charset: Any, *, ae_title: str, private: list[PrivateKey] | None = None
+                  ) -> Dataset:
     """The response identifier for one match: every requested key, nothing else.
 
     Requested keys the archive has no value for are returned empty (universal
-    matching); the unique key of the level is always returned.
+    matching); the unique key of the level is always returned. ``private``
+    extended attributes are returned under the tags the request used.
     """
     found = Dataset.from_json(_without_bulk_data(result))
     rsp = Dataset()
@@ -277,6 +314,15 @@ def find_response(result: dict[str, Any], level: Level, requested: list[DataElem
             rsp[elem.tag] = found[elem.tag]
         else:
             rsp[elem.tag] = DataElement(elem.tag, elem.VR, [] if elem.VR == "SQ" else None)
+    for creator, elem, attr in private or []:
+        rsp[creator.tag] = DataElement(creator.tag, "LO", attr.creator)
+        stored = element_of(attr, result)
+        value = None
+        if stored is not None:
+            creator_tag, tag, value_json = stored
+            value = Dataset.from_json({creator_tag: result[creator_tag], tag: value_json}
+                                      )[int(tag, 16)].value
+        rsp[elem.tag] = DataElement(elem.tag, attr.vr, value)
     unique = Tag(UNIQUE_KEY[level])
     if unique not in rsp and unique in found:
         rsp[unique] = found[unique]

@@ -21,6 +21,10 @@ from fastapi.testclient import TestClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 from services.dicomweb.app import create_app
 from tests.support.archive import Archive
@@ -33,6 +37,8 @@ pytestmark = pytest.mark.integration
 
 HOST = "127.0.0.1"
 ATTRIBUTES = "Manufacturer,SliceThickness,ConvolutionKernel"
+CREATOR = "SIEMENS CT VA0 COAD"
+PRIVATE = f"0019xx10@{CREATOR}/DS"
 COHORT = {"Modality": "CT", "SliceThickness": "1.0", "ConvolutionKernel": "B30f",
           "Manufacturer": "SIEMENS"}
 SERIES_UID = "0020000E"
@@ -50,6 +56,8 @@ class Cohort:
     wanted: set[str]
     all: set[str]
     instances: int
+    private: str = ""
+    """The one series whose private (0019,xx10) of CREATOR is 0.75 (3 elsewhere)."""
 
 
 def write_cohort(root: Path, per_series: int = 2) -> Cohort:
@@ -67,21 +75,27 @@ def write_cohort(root: Path, per_series: int = 2) -> Cohort:
     ]
     wanted: set[str] = set()
     every: set[str] = set()
+    private = ""
     study = generate_uid()
     for number, (in_cohort, attributes) in enumerate(variants, start=1):
         series_uid = generate_uid()
+        private = private or series_uid
         modality = str(attributes.pop("Modality", "CT"))
         for i in range(per_series):
             ds = ct_instance(study_uid=study, series_uid=series_uid, instance_number=i + 1,
                              rows=8, columns=8, modality=modality, series_number=number,
                              attributes=attributes)
+            # Our creator in block 0x11 here; requests name it in block 0x10.
+            ds.private_block(0x0019, "ANOTHER VENDOR", create=True).add_new(0x10, "LO", "x")
+            ds.private_block(0x0019, CREATOR, create=True).add_new(
+                0x10, "DS", "0.75" if series_uid == private else "3")
             path = root / series_uid / f"{i + 1:03d}.dcm"
             path.parent.mkdir(parents=True, exist_ok=True)
             ds.save_as(path, enforce_file_format=True)
         every.add(series_uid)
         if in_cohort:
             wanted.add(series_uid)
-    return Cohort(root, wanted, every, len(variants) * per_series)
+    return Cohort(root, wanted, every, len(variants) * per_series, private)
 
 
 def store(archive: Archive, directory: Path) -> None:
@@ -106,6 +120,23 @@ def cohort_by_cfind(archive: Archive, tmp: Path) -> list[Dataset]:
                                   **COHORT})
 
 
+def find_with_pynetdicom(archive: Archive, request: Dataset) -> list[Dataset]:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate(HOST, archive.port, ae_title=archive.ae_title)
+    assert assoc.is_established
+    try:
+        out = []
+        for status, identifier in assoc.send_c_find(
+                request, StudyRootQueryRetrieveInformationModelFind):
+            assert status is not None and status.Status in (0xFF00, 0x0000), status
+            if status.Status == 0xFF00:
+                out.append(identifier)
+        return out
+    finally:
+        assoc.release()
+
+
 def qido(api: TestClient, params: dict[str, str]) -> Any:
     return api.get("/dicomweb/series", params=params)
 
@@ -117,7 +148,8 @@ def series_uids(found: list[dict[str, Any]]) -> set[str]:
 def test_cohort_query_by_qido_and_cfind(tmp_path: Path) -> None:
     _need_dcmtk()
     cohort = write_cohort(tmp_path / "src")
-    with Archive(tmp_path / "data", extra_query_attributes=ATTRIBUTES) as archive:
+    with Archive(tmp_path / "data", extra_query_attributes=f"{ATTRIBUTES},{PRIVATE}"
+                 ) as archive:
         store(archive, cohort.root)
         archive.wait_indexed(cohort.instances)
         assert archive.backfill is not None and archive.backfill.wait(60)
@@ -150,6 +182,20 @@ def test_cohort_query_by_qido_and_cfind(tmp_path: Path) -> None:
         for rsp in responses:
             assert rsp.ConvolutionKernel == "B30f" and rsp.Manufacturer == "SIEMENS"
             assert float(rsp.SliceThickness) == 1.0
+
+        # The private attribute: by its tag in QIDO-RS, by creator and element in C-FIND.
+        by_tag = qido(api, {"00191010": "0.5-1", "includefield": "00191010"}).json()
+        assert series_uids(by_tag) == {cohort.private}
+        assert by_tag[0]["00190011"]["Value"] == [CREATOR]
+        assert by_tag[0]["00191110"]["Value"] == [0.75]
+        request = Dataset()
+        request.QueryRetrieveLevel = "SERIES"
+        request.SeriesInstanceUID = ""
+        block = request.private_block(0x0019, CREATOR, create=True)
+        block.add_new(0x10, "DS", "0.75")
+        (rsp,) = find_with_pynetdicom(archive, request)
+        assert rsp.SeriesInstanceUID == cohort.private
+        assert rsp[0x00190010].value == CREATOR and float(rsp[0x00191010].value) == 0.75
 
 
 def test_backfill_online_while_queries_answer(tmp_path: Path,
