@@ -73,10 +73,12 @@ def write_values(conn: Connection, values: Sequence[tuple[int, ExtraValue]]) -> 
     if not values:
         return
     rows = {(v.level.value, v.key, pk, v.value_text): v.value_num for pk, v in values}
+    # In key order: concurrent writers (indexers, a backfill) of the same series
+    # take their row locks in one order and cannot deadlock on PostgreSQL.
     conn.execute(
         _insert(conn, extra_attributes).on_conflict_do_nothing(),
         [{"level": level, "tag": tag, "owner_pk": pk, "value_text": text, "value_num": num}
-         for (level, tag, pk, text), num in rows.items()],
+         for (level, tag, pk, text), num in sorted(rows.items())],
     )
 
 
