@@ -47,11 +47,11 @@ from services.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES
 from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttribute, ExtendedAttributes, element_of
-from vna.dicom.matching import Level, QueryError, build_query
+from vna.dicom.matching import Level, Query, QueryError, build_query
 from vna.dicom.uids import is_valid_uid
 from vna.model import StoredInstance
 from vna.ports import Unavailable
-from vna.usecases.search import search
+from vna.usecases.search import backfilling, search
 
 log = logging.getLogger("vna.qr")
 
@@ -258,6 +258,11 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
                  and elem.tag.group not in (0x0000, 0x0002) and not elem.tag.is_private]
     charset = identifier.get("SpecificCharacterSet")
     log.info("C-FIND", extra={"level": str(level), "matches": len(results)})
+    incomplete = _backfilling(query, deps)
+    if incomplete:
+        # DIMSE has no warning for partial results: answered all the same, and logged.
+        log.warning("C-FIND on attributes still being backfilled",
+                    extra={"attributes": incomplete})
     for result in results:
         if event.is_cancelled:
             yield status.CANCEL, None
@@ -265,6 +270,13 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
         yield status.PENDING, find_response(result, level, requested, charset,
                                             ae_title=deps.settings.ae_title, private=private)
     yield status.SUCCESS, None
+
+
+def _backfilling(query: Query, deps: Deps) -> list[str]:
+    try:
+        return backfilling(query, index=deps.index)
+    except Exception:  # noqa: BLE001 - a log line must not fail the answer
+        return []
 
 
 def _find_failure_code(exc: QueryError) -> int:

@@ -8,6 +8,7 @@ queried while the backfill is under way.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import threading
@@ -199,7 +200,8 @@ def test_cohort_query_by_qido_and_cfind(tmp_path: Path) -> None:
 
 
 def test_backfill_online_while_queries_answer(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+                                              capsys: pytest.CaptureFixture[str],
+                                              caplog: pytest.LogCaptureFixture) -> None:
     _need_dcmtk()
     cohort = write_cohort(tmp_path / "src", per_series=3)
     data = tmp_path / "data"
@@ -239,8 +241,10 @@ def test_backfill_online_while_queries_answer(tmp_path: Path,
             assert during.status_code == 200
             assert "still being backfilled" in during.headers["Warning"]
             assert series_uids(during.json()) <= cohort.wanted
-            assert {str(r.SeriesInstanceUID) for r in cohort_by_cfind(archive, tmp_path)
-                    } <= cohort.wanted
+            with caplog.at_level(logging.WARNING, logger="vna.qr"):
+                assert {str(r.SeriesInstanceUID) for r in cohort_by_cfind(archive, tmp_path)
+                        } <= cohort.wanted
+            assert "C-FIND on attributes still being backfilled" in caplog.text
             # A new cohort series stored now is indexed with its values at once.
             late = write_cohort(tmp_path / "late", per_series=1)
             store(archive, late.root)
