@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
 import pytest
 
+from vna.bootstrap import build
+from vna.config import Settings
 from vna.dicom.extended import (
     ExtendedAttributes,
     ExtraValue,
@@ -194,3 +197,10 @@ def test_extract_record_carries_extended_values(extended: ExtendedAttributes) ->
             ("SliceThickness", "1")} <= found
     plain = extract_record(ds, blob_key="b" * 64, size=1, transfer_syntax_uid="1.2")
     assert plain.extended == []
+
+
+def test_a_wrong_setting_stops_the_start_with_the_reason(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, storage_url="", index_url="", bus_url="local://",
+                        redis_url="", extra_query_attributes="Manufacturer,SliceThikness")
+    with pytest.raises(ValueError, match="unknown keyword 'SliceThikness'"):
+        build(settings)
