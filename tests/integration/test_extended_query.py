@@ -156,6 +156,8 @@ def test_cohort_query_by_qido_and_cfind(tmp_path: Path) -> None:
         assert archive.backfill is not None and archive.backfill.wait(60)
         assert archive.deps is not None
         api = TestClient(create_app(archive.deps))
+        exposition = api.get("/metrics").text
+        assert 'vna_extended_backfill_pending{attribute="ConvolutionKernel"} 0.0' in exposition
 
         answer = qido(api, {**COHORT, "includefield": "ConvolutionKernel,00180050"})
         assert answer.status_code == 200, answer.text
