@@ -204,3 +204,11 @@ def test_a_wrong_setting_stops_the_start_with_the_reason(tmp_path: Path) -> None
                         redis_url="", extra_query_attributes="Manufacturer,SliceThikness")
     with pytest.raises(ValueError, match="unknown keyword 'SliceThikness'"):
         build(settings)
+
+
+def test_a_tag_shared_by_two_private_creators_must_be_named_by_creator() -> None:
+    extended = parse_extended_attributes("0019xx10@ACME 1,0019xx10@OTHER 2")
+    with pytest.raises(QueryError, match="name one as ggggxxee@Creator"):
+        build_query(Level.SERIES, {"00191010": "x"}, extended=extended)
+    q = build_query(Level.SERIES, {"0019xx10@OTHER 2": "x"}, extended=extended)
+    assert q.matches[0].extended is not None and q.matches[0].extended.creator == "OTHER 2"

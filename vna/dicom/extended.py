@@ -31,6 +31,7 @@ from vna.dicom.matching import (
     ATTRIBUTES,
     NUMERIC_VRS,
     Level,
+    QueryError,
     normalize_person_name,
     number_text,
     parse_number,
@@ -99,12 +100,16 @@ class ExtendedAttributes:
     def __init__(self, attributes: list[ExtendedAttribute] | None = None) -> None:
         self._by_key: dict[str, ExtendedAttribute] = {}
         self._by_name: dict[str, ExtendedAttribute] = {}
+        self._ambiguous: set[str] = set()
+        """Request tags of private attributes of several creators (same group and element)."""
         for attr in attributes or []:
             if attr.key in self._by_key:
                 raise ValueError(f"VNA_EXTRA_QUERY_ATTRIBUTES: {attr.key} is listed twice")
             self._by_key[attr.key] = attr
-            for name in (attr.key, attr.request_tag, attr.request_tag.lower()):
-                self._by_name[name] = attr
+            self._by_name[attr.key] = attr
+            if attr.request_tag in self._by_name:
+                self._ambiguous.add(attr.request_tag)
+            self._by_name[attr.request_tag] = attr
 
     def __iter__(self) -> Iterator[ExtendedAttribute]:
         return iter(self._by_key.values())
@@ -116,14 +121,23 @@ class ExtendedAttributes:
         return bool(self._by_key)
 
     def lookup(self, name: str) -> ExtendedAttribute | None:
-        """The attribute a request key names: keyword, tag (any spelling) or private key."""
-        found = self._by_name.get(name.strip())
-        if found is not None:
-            return found
-        m = _HEX_TAG.match(name.strip())
-        if m:
-            return self._by_name.get((m.group(1) + m.group(2)).upper())
-        return None
+        """The attribute a request key names: keyword, tag (any spelling) or private key.
+
+        Raises ``QueryError`` for a tag that several configured private
+        attributes share (they are then named ``ggggxxee@Creator``).
+        """
+        name = name.strip()
+        found = self._by_name.get(name)
+        if found is None:
+            m = _HEX_TAG.match(name)
+            if not m:
+                return None
+            name = (m.group(1) + m.group(2)).upper()
+            found = self._by_name.get(name)
+        if name in self._ambiguous:
+            raise QueryError(f"{name}: several private attributes are configured with this "
+                             "tag; name one as ggggxxee@Creator")
+        return found
 
     def values(self, metadata: Mapping[str, Any]) -> list[ExtraValue]:
         """The search forms of every configured attribute in one instance's DICOM JSON."""
