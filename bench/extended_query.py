@@ -27,6 +27,7 @@ from pathlib import Path
 from pydicom.uid import generate_uid
 from sqlalchemy import create_engine, text
 
+from vna.adapters.index.extra import analyze
 from vna.adapters.index.sqlalchemy import SqlIndex, ensure_database
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes, parse_extended_attributes
 from vna.dicom.header import extract_record
@@ -122,7 +123,7 @@ def run(backend: str, series: int, per_series: int, pg: str) -> None:
                   f"({t_backfill:.1f} s in all)")
             for idx in (a, b):  # the statistics autovacuum (PostgreSQL) would gather
                 with idx.engine.begin() as conn:
-                    conn.execute(text("ANALYZE"))
+                    analyze(conn)
             for label, idx in (("indexed with values", b), ("backfilled", a)):
                 ms, found = latency_ms(idx, COHORT)
                 print(f"cohort query ({label}): {ms:7.2f} ms median, {found} series")

@@ -190,3 +190,8 @@ def record_progress(conn: Connection, last_pk: Mapping[str, int], completed: set
             index_elements=["progress_key"],
             set_={"last_instance_pk": pk, "updated_at": now,
                   "completed_at": now if key in completed else None}))
+
+
+def analyze(conn: Connection) -> None:
+    """Refresh the planner's statistics (what autovacuum does on PostgreSQL; benchmarks)."""
+    conn.exec_driver_sql("ANALYZE")
