@@ -176,3 +176,27 @@ def test_indexing_the_same_instance_again_adds_no_values(index: SqlIndex) -> Non
     backfill_extended(EXTENDED, index=index)  # writes the same values again: no error
     assert len(index.search(build_query(Level.IMAGE, {"Manufacturer": "SIEMENS"},
                                         extended=EXTENDED))) == 1
+
+
+def test_values_are_written_in_the_instance_transaction(index: SqlIndex,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from vna.adapters.index import extra
+    from vna.ports import Unavailable
+
+    def fail(*_args: object) -> None:
+        raise OperationalError("INSERT INTO extra_attributes", {}, Exception("disk full"))
+
+    ds = ct_instance(attributes={"Manufacturer": "SIEMENS"})
+    record = extract_record(ds, blob_key="b" * 64, size=100,
+                            transfer_syntax_uid="1.2.840.10008.1.2.1", extended=EXTENDED)
+    monkeypatch.setattr(extra, "write_values", fail)
+    with pytest.raises(Unavailable):
+        index.upsert_instance(record)
+    # Nothing of the instance stays: the redelivered event indexes it whole.
+    assert index.instances(sop_instance_uid=str(ds.SOPInstanceUID)) == []
+    monkeypatch.undo()
+    assert index.upsert_instance(record) is True
+    assert len(index.search(build_query(Level.IMAGE, {"Manufacturer": "SIEMENS"},
+                                        extended=EXTENDED))) == 1
