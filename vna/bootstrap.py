@@ -7,6 +7,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from vna.config import Settings
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes, parse_extended_attributes
 from vna.ports import BlobStore, Bus, Cache, Index
 
 
@@ -21,6 +22,8 @@ class Deps:
     cache: Cache
     extras: dict[str, Any] = field(default_factory=dict)
     """Optional ports added by other services (e.g. 'worklist')."""
+    extended: ExtendedAttributes = NO_EXTENDED
+    """The extended query attributes (``VNA_EXTRA_QUERY_ATTRIBUTES``)."""
 
     def close(self) -> None:
         self.bus.stop()
@@ -80,6 +83,8 @@ def build_cache(settings: Settings) -> Cache:
 
 
 def build(settings: Settings) -> Deps:
+    # A wrong attribute list stops the start with the reason, before anything opens.
+    extended = parse_extended_attributes(settings.extra_query_attributes)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return Deps(
         settings=settings,
@@ -87,4 +92,5 @@ def build(settings: Settings) -> Deps:
         index=build_index(settings),
         bus=build_bus(settings),
         cache=build_cache(settings),
+        extended=extended,
     )

@@ -43,10 +43,20 @@ def subscribe_indexer(deps: Deps) -> None:
     from vna.usecases.index import index_instances
 
     def handle(events: list[Event]) -> None:
-        index_instances(events, blobs=deps.blobs, index=deps.index)
+        index_instances(events, blobs=deps.blobs, index=deps.index,
+                        extended=deps.extended)
 
     # In batches: one index transaction (one commit) for what is waiting.
     deps.bus.subscribe(INDEX_QUEUE, ["instance.stored"], BatchHandler(handle))
+
+
+def start_backfill(deps: Deps) -> Any:
+    """Backfill newly configured extended query attributes in the background."""
+    from vna.usecases.backfill import BackgroundBackfill
+
+    backfill = BackgroundBackfill(deps.extended, index=deps.index)
+    backfill.start()
+    return backfill
 
 
 def _serve_http(deps: Deps, stop: StopSignal) -> Any:
@@ -110,6 +120,7 @@ def cmd_run(settings: Settings) -> int:
     subscribe_indexer(deps)
     hl7 = _start_worklist(deps)
     deps.bus.start()
+    backfill = start_backfill(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
     deps.extras["on_stored"] = relay.wake  # STOW-RS wakes the relay as C-STORE does
@@ -150,6 +161,7 @@ def cmd_run(settings: Settings) -> int:
         dimse.shutdown()
     http.should_exit = True
     http_thread.join(timeout=10)
+    backfill.stop()
     relay.stop()
     deps.close()
     return 0
@@ -256,8 +268,10 @@ def cmd_index(settings: Settings) -> int:
     deps.bus.start()
     relay = OutboxRelay(index=deps.index, bus=deps.bus)  # instance.indexed events
     relay.start()
+    backfill = start_backfill(deps)
     print("VNA index ready", flush=True)
     stop.wait()
+    backfill.stop()
     relay.stop()
     deps.close()
     return 0
@@ -288,11 +302,43 @@ def cmd_reindex(settings: Settings) -> int:
     from vna.usecases.reindex import reindex
 
     deps = build(settings)
-    report = reindex(blobs=deps.blobs, index=deps.index)
+    report = reindex(blobs=deps.blobs, index=deps.index, extended=deps.extended)
     print(f"reindexed {report.indexed} instances from {report.blobs} blobs "
           f"({report.failed} unreadable)", flush=True)
     deps.close()
     return 0 if report.failed == 0 else 1
+
+
+def cmd_backfill(settings: Settings, *, restart: bool = False) -> int:
+    """Backfill the extended query attributes now, in the foreground (resumable).
+
+    ``restart``: from the first instance again, for every configured attribute
+    (after indexers with an older setting kept indexing past a completed backfill).
+    """
+    from vna.usecases.backfill import backfill_extended
+
+    deps = build(settings)
+    if restart:
+        deps.index.extended_forget(set())
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = _wait_for_signal()  # stops between batches; the next run resumes
+    try:
+        report = backfill_extended(
+            deps.extended, index=deps.index, should_stop=stop.is_set,
+            on_batch=lambda pk: print(f"backfilled up to instance {pk}", flush=True))
+    finally:
+        deps.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if report.forgotten:
+        print("no longer configured: " + ", ".join(report.forgotten), flush=True)
+    if not report.attributes:
+        print("extended query attributes: nothing to backfill", flush=True)
+        return 0
+    state = "completed" if report.completed else "stopped (resumes where it was)"
+    print(f"backfill of {', '.join(report.attributes)} {state}: {report.instances} "
+          f"instances, {report.values} values", flush=True)
+    return 0 if report.completed else 1
 
 
 def cmd_up(settings: Settings) -> int:
@@ -364,15 +410,20 @@ COMMANDS = {
     "index": cmd_index,
     "dicomweb": cmd_dicomweb,
     "reindex": cmd_reindex,
+    "backfill": cmd_backfill,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vna", description="VNA: vendor neutral archive")
     parser.add_argument("command", choices=sorted(COMMANDS))
+    parser.add_argument("--restart", action="store_true",
+                        help="backfill: start again from the first instance")
     args = parser.parse_args(argv)
     settings = Settings()
     configure(settings.log_level, settings.log_format)
+    if args.command == "backfill":
+        return cmd_backfill(settings, restart=args.restart)
     return COMMANDS[args.command](settings)
 
 

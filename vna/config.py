@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     cors_origins: str = ""
     """Origins allowed to call the HTTP API from a browser: 'https://a,https://b' or '*'."""
     """QIDO-RS answers at most this many matches; more get a 299 Warning (PS3.18 8.3.4.4)."""
+    extra_query_attributes: str = ""
+    """More attributes C-FIND and QIDO-RS match on: ``[level:]key[/VR],...`` with key a
+    keyword, a tag or ``ggggxxee@PrivateCreator``; level ``series`` by default (see
+    ``vna.dicom.extended``). Instances already stored are backfilled online."""
     log_level: str = "INFO"
     log_format: str = "json"
 

@@ -19,3 +19,10 @@ QUEUE_DEPTH = Gauge("vna_queue_depth", "Events waiting: outbox plus bus queues")
 TRANSCODES = Counter("vna_transcodes_total",
                      "Instances or frames sent in another transfer syntax than stored",
                      ["kind", "outcome"])
+EXTENDED_BACKFILL_PENDING = Gauge(
+    "vna_extended_backfill_pending",
+    "1 while the values of an extended query attribute are being backfilled",
+    ["attribute"],
+)
+EXTENDED_BACKFILLED = Counter("vna_extended_backfilled_instances_total",
+                              "Instances read by the extended-attribute backfill")

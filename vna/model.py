@@ -9,6 +9,8 @@ from typing import Any, NewType
 
 from pydantic import BaseModel, ConfigDict
 
+from vna.dicom.extended import ExtraValue
+
 BlobKey = NewType("BlobKey", str)
 """Lower-case hex SHA-256 of a blob's bytes: its content address."""
 
@@ -77,3 +79,5 @@ class IndexRecord:
     size: int
     transfer_syntax_uid: str
     extra: dict[str, Any] = field(default_factory=dict)
+    extended: list[ExtraValue] = field(default_factory=list)
+    """Values of the configured extended query attributes (``vna.dicom.extended``)."""

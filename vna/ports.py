@@ -7,11 +7,13 @@ suite in ``tests/contract`` that runs over every adapter.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, runtime_checkable
 
-from vna.dicom.matching import Query
+from vna.dicom.extended import ExtraValue
+from vna.dicom.matching import Level, Query
 from vna.events import Event, InstanceStored
 from vna.model import BlobKey, InstanceClaim, StoredInstance
 from vna.model import IndexRecord as IndexRecord  # re-exported: adapters import it from here
@@ -80,6 +82,24 @@ class ConflictError(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class StoredHeader:
+    """An indexed instance's stored DICOM JSON with the pks of the rows that own it."""
+
+    instance_pk: int
+    owners: dict[Level, int]
+    metadata_json: str
+
+
+@dataclass(frozen=True)
+class BackfillState:
+    """How far the backfill of one extended attribute (``level:key``) has come."""
+
+    progress_key: str
+    last_instance_pk: int
+    completed: bool
+
+
 class Index(Protocol):
     """The queryable index, the claims that guard it, and the event outbox."""
 
@@ -139,6 +159,24 @@ class Index(Protocol):
     def upsert_instances(self, items: Sequence[tuple[IndexRecord, Event | None]]
                          ) -> list[bool]:
         """``upsert_instance`` for a batch, in one transaction; one flag per item."""
+        ...
+
+    # ---- extended query attributes (backfill of values for what is already indexed)
+    def extended_progress(self) -> dict[str, BackfillState]:
+        """Backfill progress by ``ExtendedAttribute.progress_key``."""
+        ...
+
+    def extended_forget(self, keep: set[str]) -> list[str]:
+        """Forget the progress (not the values) of attributes not in ``keep``."""
+        ...
+
+    def extended_scan(self, after_pk: int, limit: int) -> list[StoredHeader]:
+        """Up to ``limit`` indexed instances after ``after_pk``, in pk order."""
+        ...
+
+    def extended_write(self, values: Sequence[tuple[int, ExtraValue]],
+                       last_pk: dict[str, int], completed: set[str]) -> None:
+        """Write ``(owner_pk, value)`` rows and the progress in one transaction."""
         ...
 
     # ---- readers

@@ -10,6 +10,10 @@ scripts). When a result is cut at the server's maximum
 (``VNA_QIDO_MAX_RESULTS``) the response carries
 ``Warning: 299 <host>: "The number of results exceeded the maximum supported
 by the server. Additional results can be requested."`` (PS3.18 8.3.4.4.2).
+
+Extended query attributes (``VNA_EXTRA_QUERY_ATTRIBUTES``) match like the
+index's own; while the values of one a request matches on are still being
+backfilled the answer is given all the same, with a 299 Warning saying so.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from services.dicomweb.common import DepsDep, base_url, json_response
 from vna.bootstrap import Deps
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.matching import (
     ATTRIBUTES,
     DEFAULT_RETURN_KEYS,
@@ -33,7 +38,7 @@ from vna.dicom.matching import (
     resolve_keyword,
 )
 from vna.dicom.uids import is_valid_uid
-from vna.usecases.search import search
+from vna.usecases.search import backfilling, search
 
 router = APIRouter()
 
@@ -60,10 +65,13 @@ def _int_param(request: Request, name: str) -> int | None:
 
 
 def query_from_params(level: Level, request: Request, fixed: dict[str, str] | None = None,
-                      *, max_results: int | None = None) -> tuple[Query, bool]:
+                      *, max_results: int | None = None,
+                      extended: ExtendedAttributes = NO_EXTENDED) -> tuple[Query, bool]:
     """A ``Query`` from QIDO-RS parameters and whether the server's maximum caps it.
 
-    Raises ``HTTPException(400)`` with the reason when a parameter is bad.
+    ``extended``: the configured extended query attributes, matched and returned
+    like the index's own. Raises ``HTTPException(400)`` with the reason when a
+    parameter is bad (an attribute neither kept nor configured among them).
     """
     params = request.query_params
     keys: dict[str, str] = {}
@@ -91,10 +99,12 @@ def query_from_params(level: Level, request: Request, fixed: dict[str, str] | No
         for item in includes:
             if item == "all":
                 returned += _all_keys(level)
+            elif (ext := extended.lookup(item)) is not None:
+                returned.append(ext.key)
             else:
                 returned.append(resolve_keyword(item))
         query = build_query(level, keys, return_keys=returned, fuzzy=fuzzy_raw == "true",
-                            limit=limit, offset=offset, strict=True)
+                            limit=limit, offset=offset, strict=True, extended=extended)
     except QueryError as exc:
         raise HTTPException(400, str(exc)) from exc
     return query, capped
@@ -128,15 +138,21 @@ def _retrieve_url(root: str, level: Level, obj: dict[str, Any]) -> str | None:
 async def _answer(level: Level, request: Request, deps: Deps,
                   fixed: dict[str, str] | None = None) -> Response:
     max_results = deps.settings.qido_max_results
-    query, capped = query_from_params(level, request, fixed, max_results=max_results)
+    query, capped = query_from_params(level, request, fixed, max_results=max_results,
+                                      extended=deps.extended)
     results = await run_in_threadpool(search, query, index=deps.index)
-    headers: dict[str, str] = {}
+    host = request.url.hostname or "vna"
+    warnings: list[str] = []
     if capped and len(results) > max_results:
         results = results[:max_results]
-        host = request.url.hostname or "vna"
-        headers["Warning"] = (
+        warnings.append(
             f'299 {host}: "The number of results exceeded the maximum supported by the '
             'server. Additional results can be requested."')
+    incomplete = await run_in_threadpool(backfilling, query, index=deps.index)
+    if incomplete:
+        warnings.append(f'299 {host}: "Values of {", ".join(incomplete)} are still being '
+                        'backfilled: the results may be incomplete."')
+    headers = {"Warning": ", ".join(warnings)} if warnings else {}
     root = base_url(request)
     for obj in results:
         url = _retrieve_url(root, level, obj)

@@ -47,12 +47,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from services.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES
 from vna.bootstrap import Deps
 from vna.dicom import status
-from vna.dicom.matching import Level, QueryError, build_query
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttribute, ExtendedAttributes, element_of
+from vna.dicom.matching import Level, Query, QueryError, build_query
 from vna.dicom.uids import is_valid_uid
 from vna.model import StoredInstance
 from vna.ports import Unavailable
 from vna.usecases.corrected import Overlays, corrected_copy
-from vna.usecases.search import search
+from vna.usecases.search import backfilling, search
 
 log = logging.getLogger("vna.qr")
 
@@ -180,11 +181,13 @@ def _as_text(elem: DataElement) -> str:
     return str(value)
 
 
-def identifier_keys(identifier: Dataset) -> dict[str, str]:
+def identifier_keys(identifier: Dataset, extended: ExtendedAttributes = NO_EXTENDED
+                    ) -> dict[str, str]:
     """Matching and return keys of a request identifier: keyword -> raw value.
 
     Multiple values are joined with backslashes (UID lists), person names are
     given as their string form; sequences and binary values are return keys only.
+    Private elements count when they are configured extended attributes (by key).
     """
     keys: dict[str, str] = {}
     for elem in identifier:
@@ -194,7 +197,38 @@ def identifier_keys(identifier: Dataset) -> dict[str, str]:
         if not keyword or keyword in _NOT_MATCHING:
             continue
         keys[keyword] = _as_text(elem)
+    for _creator, elem, attr in private_keys(identifier, extended):
+        keys[attr.key] = _private_text(elem)
     return keys
+
+
+PrivateKey = tuple[DataElement, DataElement, ExtendedAttribute]
+
+
+def private_keys(identifier: Dataset, extended: ExtendedAttributes) -> list[PrivateKey]:
+    """(creator element, element, attribute) of each configured private key requested."""
+    out: list[PrivateKey] = []
+    if not any(a.private for a in extended):
+        return out
+    for elem in identifier:
+        tag = elem.tag
+        if not tag.is_private or tag.element < 0x1000:
+            continue
+        creator = identifier.get((tag.group, tag.element >> 8))
+        if creator is None:
+            continue
+        attr = extended.lookup(
+            f"{tag.group:04X}xx{tag.element & 0xFF:02X}@{_private_text(creator).strip()}")
+        if attr is not None:
+            out.append((creator, elem, attr))
+    return out
+
+
+def _private_text(elem: DataElement) -> str:
+    # Implicit VR: a private element the dictionary does not know arrives as UN bytes.
+    if isinstance(elem.value, bytes):
+        return elem.value.decode("latin-1").rstrip("\x00 ")
+    return _as_text(elem)
 
 
 # ------------------------------------------------------------------ C-FIND
@@ -204,8 +238,10 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
     try:
         identifier = event.identifier
         level = _level(identifier, sop_class)
-        keys = identifier_keys(identifier)
-        query = build_query(level, keys, strict=False, patient_root=sop_class in PATIENT_ROOT)
+        keys = identifier_keys(identifier, deps.extended)
+        private = private_keys(identifier, deps.extended)
+        query = build_query(level, keys, strict=False, patient_root=sop_class in PATIENT_ROOT,
+                            extended=deps.extended)
         results = search(query, index=deps.index)
     except QueryError as exc:
         yield _failure(_find_failure_code(exc), str(exc)), None
@@ -224,13 +260,25 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
                  and elem.tag.group not in (0x0000, 0x0002) and not elem.tag.is_private]
     charset = identifier.get("SpecificCharacterSet")
     log.info("C-FIND", extra={"level": str(level), "matches": len(results)})
+    incomplete = _backfilling(query, deps)
+    if incomplete:
+        # DIMSE has no warning for partial results: answered all the same, and logged.
+        log.warning("C-FIND on attributes still being backfilled",
+                    extra={"attributes": incomplete})
     for result in results:
         if event.is_cancelled:
             yield status.CANCEL, None
             return
         yield status.PENDING, find_response(result, level, requested, charset,
-                                            ae_title=deps.settings.ae_title)
+                                            ae_title=deps.settings.ae_title, private=private)
     yield status.SUCCESS, None
+
+
+def _backfilling(query: Query, deps: Deps) -> list[str]:
+    try:
+        return backfilling(query, index=deps.index)
+    except Exception:  # noqa: BLE001 - a log line must not fail the answer
+        return []
 
 
 def _find_failure_code(exc: QueryError) -> int:
@@ -261,11 +309,13 @@ def _without_bulk_data(obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def find_response(result: dict[str, Any], level: Level, requested: list[DataElement],
-                  charset: Any, *, ae_title: str) -> Dataset:
+                  charset: Any, *, ae_title: str, private: list[PrivateKey] | None = None
+                  ) -> Dataset:
     """The response identifier for one match: every requested key, nothing else.
 
     Requested keys the archive has no value for are returned empty (universal
-    matching); the unique key of the level is always returned.
+    matching); the unique key of the level is always returned. ``private``
+    extended attributes are returned under the tags the request used.
     """
     found = Dataset.from_json(_without_bulk_data(result))
     rsp = Dataset()
@@ -278,6 +328,15 @@ def find_response(result: dict[str, Any], level: Level, requested: list[DataElem
             rsp[elem.tag] = found[elem.tag]
         else:
             rsp[elem.tag] = DataElement(elem.tag, elem.VR, [] if elem.VR == "SQ" else None)
+    for creator, elem, attr in private or []:
+        rsp[creator.tag] = DataElement(creator.tag, "LO", attr.creator)
+        stored = element_of(attr, result)
+        value = None
+        if stored is not None:
+            creator_tag, tag, value_json = stored
+            value = Dataset.from_json({creator_tag: result[creator_tag], tag: value_json}
+                                      )[int(tag, 16)].value
+        rsp[elem.tag] = DataElement(elem.tag, attr.vr, value)
     unique = Tag(UNIQUE_KEY[level])
     if unique not in rsp and unique in found:
         rsp[unique] = found[unique]

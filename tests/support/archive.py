@@ -15,8 +15,9 @@ from pynetdicom.transport import AssociationServer
 
 from tests.support.processes import free_port, wait_for
 from vna.bootstrap import Deps, build
-from vna.cli import _registrars, subscribe_indexer
+from vna.cli import _registrars, start_backfill, subscribe_indexer
 from vna.config import Settings
+from vna.usecases.backfill import BackgroundBackfill
 from vna.usecases.relay import OutboxRelay
 
 
@@ -24,7 +25,7 @@ class Archive:
     """``with Archive(tmp_path, peers=...) as archive:`` — DIMSE on ``archive.port``."""
 
     def __init__(self, data_dir: Path, *, peers: str = "", ae_title: str = "VNA",
-                 **overrides: Any) -> None:
+                 backfill: bool = True, **overrides: Any) -> None:
         # Explicit embedded URLs: the environment of the test run must not
         # switch the archive to another backend behind the test's back.
         values: dict[str, Any] = {
@@ -33,6 +34,9 @@ class Archive:
             "bus_url": "local://", "redis_url": "", "log_format": "text", **overrides,
         }
         self.settings = Settings(**values)
+        self.start_backfill = backfill
+        """As ``vna run``: backfill extended query attributes in the background."""
+        self.backfill: BackgroundBackfill | None = None
         self.deps: Deps | None = None
         self._relay: OutboxRelay | None = None
         self._server: AssociationServer | None = None
@@ -55,12 +59,17 @@ class Archive:
         from services.ingest.scp import start_dimse
 
         self._server = start_dimse(deps, on_stored=self._relay.wake, registrars=_registrars())
+        if self.start_backfill:
+            self.backfill = start_backfill(deps)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()  # also closes the listening socket
             self._server = None
+        if self.backfill is not None:
+            self.backfill.stop()
+            self.backfill = None
         if self._relay is not None:
             self._relay.stop()
             self._relay = None

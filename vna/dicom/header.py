@@ -16,6 +16,7 @@ from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.matching import ATTRIBUTES, Level, normalize_person_name, stored_time
 from vna.ports import IndexRecord
 
@@ -214,7 +215,8 @@ _ATTRIBUTE_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in ATT
 
 
 def extract_record(
-    ds: Dataset, *, blob_key: str, size: int, transfer_syntax_uid: str
+    ds: Dataset, *, blob_key: str, size: int, transfer_syntax_uid: str,
+    extended: ExtendedAttributes = NO_EXTENDED,
 ) -> IndexRecord:
     """The index's view of one instance: its DICOM JSON, and the query columns."""
     metadata = dataset_to_json(ds, "")
@@ -248,6 +250,8 @@ def extract_record(
         blob_key=blob_key,  # type: ignore[arg-type]
         size=size,
         transfer_syntax_uid=transfer_syntax_uid,
+        # From the DICOM JSON, as the backfill does: both index the same values.
+        extended=extended.values(metadata),
     )
 
 

@@ -7,15 +7,20 @@ tables, and nothing in the adapter knows about request syntax.
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from vna.dicom.uids import is_valid_uid
+
+if TYPE_CHECKING:
+    from vna.dicom.extended import ExtendedAttribute, ExtendedAttributes
 
 
 class QueryError(ValueError):
@@ -134,6 +139,9 @@ class Match:
     kind: MatchKind
     values: tuple[str, ...]
     fuzzy: bool = False
+    extended: ExtendedAttribute | None = None
+    """Set for a configured extended attribute (``vna.dicom.extended``): numeric
+    VRs then carry numbers in ``number_text`` form and compare as numbers."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,8 @@ class Query:
     patient_root: bool = False
     extra_return_keys: tuple[str, ...] = field(default=())
     """Return keys the index does not keep as columns (filled from metadata)."""
+    extended_return: tuple[ExtendedAttribute, ...] = field(default=())
+    """Private extended attributes to return (filled from metadata, with their creator)."""
 
 
 # ------------------------------------------------------------------ normalisation
@@ -191,6 +201,23 @@ def normalize_time(value: str, keyword: str = "time", upper: bool = False) -> st
     return f"{hh}{mm}{ss}.{frac}"
 
 
+NUMERIC_VRS = frozenset({"DS", "IS", "FL", "FD", "US", "UL", "SS", "SL", "SV", "UV"})
+
+
+def parse_number(text: str) -> float | None:
+    """A finite number from a DS/IS/binary numeric value, None when it is not one."""
+    try:
+        value = float(text.strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def number_text(value: float) -> str:
+    """One spelling per number: ``1``, ``1.0`` and ``1.00`` all read ``1``."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def stored_time(value: str) -> str:
     """The form a TM value is stored in for range matching ('' when unparsable)."""
     try:
@@ -217,10 +244,11 @@ def _has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
 
-def build_match(keyword: str, raw: str, *, fuzzy: bool = False) -> Match | None:
+def build_match(keyword: str, raw: str, *, fuzzy: bool = False, vr: str = "") -> Match | None:
     """A ``Match`` for one key, or None for universal matching (empty value)."""
-    attr = ATTRIBUTES.get(keyword)
-    vr = attr.vr if attr else dictionary_VR(keyword)
+    if not vr:
+        attr = ATTRIBUTES.get(keyword)
+        vr = attr.vr if attr else dictionary_VR(keyword)
     value = raw.strip() if vr not in ("PN",) else raw
     if value == "" or value == "*":
         return None
@@ -261,6 +289,48 @@ def build_match(keyword: str, raw: str, *, fuzzy: bool = False) -> Match | None:
     return Match(keyword, MatchKind.SINGLE, (value,))
 
 
+_NUMBER = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+_NUMBER_RANGE = re.compile(rf"^\s*({_NUMBER})?\s*-\s*({_NUMBER})?\s*$")
+
+
+def build_extended_match(attr: ExtendedAttribute, raw: str, *, fuzzy: bool = False
+                         ) -> Match | None:
+    """A ``Match`` on a configured extended attribute, or None (universal).
+
+    Strings, dates, times, names and UIDs follow the rules of their VR as the
+    index's own columns do. Numbers compare as numbers: ``SliceThickness=1.0``
+    matches stored ``1``, ``1.0`` and ``1.00``; ``a-b`` is a range (either end
+    open), ``a\\b`` a list; a single signed value such as ``-5`` is a value.
+    """
+    if not attr.numeric:
+        match = build_match(attr.key, raw, fuzzy=fuzzy, vr=attr.vr)
+        if match is None:
+            return None
+        return Match(match.keyword, match.kind, match.values, match.fuzzy, extended=attr)
+    value = raw.strip()
+    if value in ("", "*"):
+        return None
+
+    def number(text: str) -> str:
+        num = parse_number(text)
+        if num is None:
+            raise QueryError(f"{attr.key}: {text.strip()!r} is not a number")
+        return number_text(num)
+
+    if "\\" in value:
+        return Match(attr.key, MatchKind.LIST, tuple(number(v) for v in value.split("\\")),
+                     extended=attr)
+    if parse_number(value) is not None:
+        return Match(attr.key, MatchKind.SINGLE, (number(value),), extended=attr)
+    m = _NUMBER_RANGE.match(value)
+    if m and (m.group(1) or m.group(2)):
+        lo, hi = m.group(1), m.group(2)
+        return Match(attr.key, MatchKind.RANGE,
+                     (number(lo) if lo else "", number(hi) if hi else ""), extended=attr)
+    raise QueryError(f"{attr.key}: {value!r} is not a number, a list or a range "
+                     "(wildcards do not apply to numbers)")
+
+
 def _normalizers(vr: str, keyword: str) -> tuple[Callable[[str], str], Callable[[str], str]]:
     if vr == "DA":
         def da(v: str) -> str:
@@ -298,16 +368,29 @@ def build_query(
     offset: int = 0,
     patient_root: bool = False,
     strict: bool = True,
+    extended: ExtendedAttributes | None = None,
 ) -> Query:
     """Build a ``Query`` at ``level`` from matching keys ``keyword -> raw value``.
 
     Keys with empty values are universal: they are return keys only. With
     ``strict`` (QIDO-RS) a key the index cannot match on is an error; without
-    it (C-FIND) such a key is only returned.
+    it (C-FIND) such a key is only returned. ``extended`` adds the configured
+    extended attributes to the keys the index can match on.
     """
     matches: list[Match] = []
     returned: list[str] = list(return_keys or [])
     for key, raw in keys.items():
+        ext = extended.lookup(key) if extended else None
+        if ext is not None:
+            returned.append(ext.key)
+            if LEVEL_ORDER.index(ext.level) > LEVEL_ORDER.index(level):
+                if raw.strip() and raw.strip() != "*" and strict:
+                    raise QueryError(f"{ext.key}: is below the {level} level")
+                continue
+            match = build_extended_match(ext, raw, fuzzy=fuzzy)
+            if match is not None:
+                matches.append(match)
+            continue
         keyword = resolve_keyword(key)
         attr = ATTRIBUTES.get(keyword)
         returned.append(keyword)
@@ -329,8 +412,10 @@ def build_query(
     seen: dict[str, None] = {}
     for k in returned:
         seen.setdefault(k, None)
+    private = {k: ext for k in seen
+               if extended and (ext := extended.lookup(k)) is not None and ext.private}
     columns = tuple(k for k in seen if k in ATTRIBUTES)
-    extra = tuple(k for k in seen if k not in ATTRIBUTES)
+    extra = tuple(k for k in seen if k not in ATTRIBUTES and k not in private)
     return Query(
         level=level,
         matches=tuple(matches),
@@ -339,6 +424,7 @@ def build_query(
         offset=offset,
         patient_root=patient_root,
         extra_return_keys=extra,
+        extended_return=tuple(private.values()),
     )
 
 

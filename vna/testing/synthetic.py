@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -27,8 +27,13 @@ def ct_instance(
     series_number: int = 1,
     pixel_seed: int | None = None,
     transfer_syntax: str = ExplicitVRLittleEndian,
+    attributes: Mapping[str, object] | None = None,
 ) -> Dataset:
-    """A small, valid CT image instance; pixel data is random unless ``pixel_seed`` is set."""
+    """A small, valid CT image instance; pixel data is random unless ``pixel_seed`` is set.
+
+    ``attributes`` sets or overrides attributes by keyword
+    (``{"Manufacturer": "SIEMENS", "ConvolutionKernel": "B30f"}``).
+    """
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
@@ -72,6 +77,8 @@ def ct_instance(
         ds.PixelData = os.urandom(n)
     else:
         ds.PixelData = (bytes(range(256)) * (n // 256 + 1))[:n]
+    for keyword, value in (attributes or {}).items():
+        setattr(ds, keyword, value)
     return ds
 
 

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
 from vna import metrics
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.header import extract_record, read_dataset
 from vna.events import Event, InstanceIndexed, InstanceStored
 from vna.model import BlobKey
@@ -20,20 +23,32 @@ from vna.ports import BlobStore, Index, IndexRecord
 log = logging.getLogger("vna.index")
 
 
-def index_instance(event: Event, *, blobs: BlobStore, index: Index) -> bool:
+def index_instance(event: Event, *, blobs: BlobStore, index: Index,
+                   extended: ExtendedAttributes = NO_EXTENDED) -> bool:
     """Index the instance ``event`` announces. Redelivery adds nothing (True if added)."""
-    return any(index_instances([event], blobs=blobs, index=index))
+    return any(index_instances([event], blobs=blobs, index=index, extended=extended))
 
 
-def index_instances(events: Sequence[Event], *, blobs: BlobStore, index: Index) -> list[bool]:
+def index_instances(events: Sequence[Event], *, blobs: BlobStore, index: Index,
+                    extended: ExtendedAttributes = NO_EXTENDED) -> list[bool]:
     """Index a batch of ``instance.stored`` events in one transaction (one flag each;
     other events are skipped). The record comes with the event when the store path
-    extracted it; otherwise it is read from the blob's header."""
+    extracted it; otherwise it is read from the blob's header. The values of the
+    configured ``extended`` query attributes are written with the instances' rows."""
     items: list[tuple[IndexRecord, Event | None]] = []
     for event in events:
         if not isinstance(event, InstanceStored):
             continue
-        record = event.record or read_blob_record(event.blob_key, blobs, event.size)[1]
+        if event.record is not None:
+            record = event.record
+            if extended:
+                # The indexer's configuration decides, from the DICOM JSON as the
+                # backfill does, whatever the store path was configured with.
+                record = replace(record, extended=extended.values(
+                    json.loads(record.metadata_json)))
+        else:
+            record = read_blob_record(event.blob_key, blobs, event.size,
+                                      extended=extended)[1]
         items.append((record, InstanceIndexed(
             sop_instance_uid=event.sop_instance_uid,
             study_instance_uid=event.study_instance_uid,
@@ -66,7 +81,8 @@ def seekable_blob(key: BlobKey, blobs: BlobStore) -> Iterator[BinaryIO]:
         yield tmp
 
 
-def read_blob_record(key: BlobKey, blobs: BlobStore, size: int | None = None
+def read_blob_record(key: BlobKey, blobs: BlobStore, size: int | None = None, *,
+                     extended: ExtendedAttributes = NO_EXTENDED
                      ) -> tuple[Dataset, IndexRecord]:
     """The parsed header and the index record of a stored blob (indexer and reindex)."""
     with seekable_blob(key, blobs) as fp:
@@ -75,5 +91,5 @@ def read_blob_record(key: BlobKey, blobs: BlobStore, size: int | None = None
         ts = str(ds.file_meta.TransferSyntaxUID)
         record = extract_record(ds, blob_key=key,
                                 size=blobs.size(key) if size is None else size,
-                                transfer_syntax_uid=ts)
+                                transfer_syntax_uid=ts, extended=extended)
     return ds, record

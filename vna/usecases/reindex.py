@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.part10 import read_header
 from vna.model import InstanceClaim
 from vna.ports import BlobStore, ConflictError, Index
@@ -21,7 +22,8 @@ class ReindexReport:
     failed: int = 0
 
 
-def reindex(*, blobs: BlobStore, index: Index) -> ReindexReport:
+def reindex(*, blobs: BlobStore, index: Index,
+            extended: ExtendedAttributes = NO_EXTENDED) -> ReindexReport:
     """Claim and index every blob; existing rows are kept (idempotent)."""
     import hashlib
 
@@ -29,7 +31,7 @@ def reindex(*, blobs: BlobStore, index: Index) -> ReindexReport:
     for key in blobs.keys():
         report.blobs += 1
         try:
-            ds, record = read_blob_record(key, blobs)
+            ds, record = read_blob_record(key, blobs, extended=extended)
             with blobs.open(key) as fp:
                 header = read_header(fp)
                 digest = hashlib.sha256()

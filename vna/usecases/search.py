@@ -6,6 +6,7 @@ from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
+from vna.dicom.extended import element_of
 from vna.dicom.matching import Query
 from vna.ports import Index
 
@@ -52,5 +53,22 @@ def search(query: Query, *, index: Index) -> list[dict[str, Any]]:
                 continue
             tag = f"{tag_int:08X}"
             obj[tag] = metadata.get(tag) or {"vr": dictionary_VR(keyword)}
+        for ext in query.extended_return:
+            # A private attribute keeps the tags it has in the instance, creator included.
+            found = element_of(ext, metadata)
+            if found is not None:
+                creator_tag, tag, value = found
+                obj[creator_tag] = metadata[creator_tag]
+                obj[tag] = value
         results.append(dict(sorted(obj.items())))
     return results
+
+
+def backfilling(query: Query, *, index: Index) -> list[str]:
+    """Extended attributes ``query`` matches on whose values are still being backfilled."""
+    keys = {m.extended.progress_key: m.extended.key for m in query.matches if m.extended}
+    if not keys:
+        return []
+    states = index.extended_progress()
+    return [key for pk, key in keys.items()
+            if not ((s := states.get(pk)) is not None and s.completed)]

@@ -38,7 +38,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
-from vna.adapters.index import corrections
+from vna.adapters.index import corrections, extra
 from vna.adapters.index.schema import (
     audit,
     claims,
@@ -52,14 +52,17 @@ from vna.adapters.index.schema import (
 )
 from vna.audit import chain_hash
 from vna.dicom.corrections import apply_to_json
+from vna.dicom.extended import ExtraValue
 from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
 from vna.events import Event, InstanceStored, encode_event
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
 from vna.ports import (
+    BackfillState,
     ClaimOutcome,
     ConflictError,
     ConflictKind,
     IndexRecord,
+    StoredHeader,
     Unavailable,
 )
 
@@ -393,6 +396,27 @@ class SqlIndex:
         except _SAError as exc:
             raise Unavailable(f"index database: {exc}") from exc
 
+    def extended_progress(self) -> dict[str, BackfillState]:
+        with self.engine.connect() as conn:
+            return extra.progress(conn)
+
+    def extended_forget(self, keep: set[str]) -> list[str]:
+        with self._write() as conn:
+            return extra.forget(conn, keep)
+
+    def extended_scan(self, after_pk: int, limit: int) -> list[StoredHeader]:
+        with self.engine.connect() as conn:
+            return extra.scan(conn, after_pk, limit)
+
+    def extended_write(self, values: Sequence[tuple[int, ExtraValue]],
+                       last_pk: dict[str, int], completed: set[str]) -> None:
+        try:
+            with self._write() as conn:
+                extra.write_values(conn, values)
+                extra.record_progress(conn, last_pk, completed)
+        except _SAError as exc:
+            raise Unavailable(f"index database: {exc}") from exc
+
     # ------------------------------------------------------------ readers
     def instances(
         self,
@@ -540,16 +564,24 @@ class _Upsert:
                              blob_key=record.blob_key, size=record.size,
                              metadata=record.metadata_json, stored_at=now,
                              **_columns(record.instance, Level.IMAGE)))
-        added: set[str] = set()
+        added: dict[str, int] = {}  # SOP Instance UID -> instance pk
         owners = {uid: (record.patient.get("PatientID") or "", record.study["StudyInstanceUID"])
                   for (record, _), uid in zip(items, uids, strict=True)}
         for group in _same_columns(rows):
             # RETURNING tells which rows went in: a concurrent indexer (PostgreSQL)
             # may have added some in the meantime.
-            added.update(self.conn.execute(
-                self.index._insert(instances)
-                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
-                .returning(instances.c.sop_instance_uid), group).scalars())
+            for row in self.conn.execute(
+                    self.index._insert(instances)
+                    .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                    .returning(instances.c.sop_instance_uid, instances.c.pk), group):
+                added[row.sop_instance_uid] = int(row.pk)
+        # Extended query attribute values, in the instances' transaction.
+        extra.write_values(self.conn, [
+            owned for record, _ in items
+            if (pk := added.get(record.instance["SOPInstanceUID"])) is not None
+            for owned in extra.owned_values(record.extended, {
+                Level.PATIENT: self._patient_pk(record), Level.STUDY: self._study_pk(record),
+                Level.SERIES: self._series_pk(record), Level.IMAGE: pk})])
         for patient_id, study_uid in dict.fromkeys(owners[uid] for uid in added):
             corrections.after_upsert(self.index, self.conn, patient_id, study_uid)
         outgoing = [{"routing_key": e.routing_key, "payload": encode_event(e),
@@ -719,6 +751,8 @@ class _Search:
         return table.c[column_name(keyword + ("_norm" if norm else ""))]
 
     def _condition(self, m: Match, column: Any = None) -> ColumnElement[bool]:
+        if m.extended is not None:
+            return extra.condition(m, _TABLE_OF_LEVEL[m.extended.level].c.pk)
         if m.keyword == "ModalitiesInStudy":
             modalities = list(m.values)
             cond: ColumnElement[bool] = (
@@ -807,7 +841,7 @@ class _Search:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
             if rows:
                 self._computed(conn, rows)
-                if q.extra_return_keys:
+                if q.extra_return_keys or q.extended_return:
                     self._representative_metadata(conn, rows)
         return rows
 
