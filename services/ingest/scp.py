@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+import pydicom.config
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import (
@@ -47,6 +48,11 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 # and send stored files without decoding them.
 _config.STORE_RECV_CHUNKED_DATASET = True
 _config.STORE_SEND_CHUNKED_DATASET = True
+# pydicom checks each value it reads or writes against its VR's pattern; on the
+# store path VNA checks what matters itself (UIDs, truncation) and keeps the bytes
+# as received, so those checks only cost time (a tenth of a receiver's CPU).
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 # pynetdicom logs identifiers at INFO/DEBUG: keep patient data out of our logs.
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 

@@ -184,6 +184,9 @@ class SqlIndex:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sqlite_write = SqliteWriteLock(engine)
+        self._claim_of = _Prepared(_SELECT_CLAIM, engine)
+        self._owner_of = _Prepared(_SELECT_OWNER, engine)
+        self._study_of_series = _Prepared(_SELECT_SERIES_STUDY, engine)
 
     @classmethod
     def from_url(cls, url: str, *, run_migrations: bool = True) -> SqlIndex:
@@ -224,7 +227,7 @@ class SqlIndex:
 
     def _check(self, conn: Connection, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
         """(NEW or DUPLICATE, whether the study is new); ConflictError on a conflict."""
-        existing = conn.execute(_SELECT_CLAIM, {"sop": claim.sop_instance_uid}).first()
+        existing = self._claim_of.first(conn, sop=claim.sop_instance_uid)
         if existing is not None:
             if existing.dataset_sha256 == claim.dataset_sha256:
                 return ClaimOutcome.DUPLICATE, False
@@ -232,14 +235,13 @@ class SqlIndex:
                 ConflictKind.SOP_INSTANCE,
                 "SOP Instance UID already stored with different content",
             )
-        series_of = conn.execute(_SELECT_SERIES_STUDY,
-                                 {"series": claim.series_instance_uid}).first()
+        series_of = self._study_of_series.first(conn, series=claim.series_instance_uid)
         if series_of is not None and series_of.study_instance_uid != claim.study_instance_uid:
             # Filed under the series' study it would join another study (and maybe
             # another patient): UIDs are unique, so one of the two is wrong.
             raise ConflictError(
                 ConflictKind.SERIES, "Series Instance UID belongs to another study")
-        owner = conn.execute(_SELECT_OWNER, {"study": claim.study_instance_uid}).first()
+        owner = self._owner_of.first(conn, study=claim.study_instance_uid)
         if owner is not None and (owner.patient_id, owner.issuer_of_patient_id) != (
             claim.patient_id,
             claim.issuer_of_patient_id,
@@ -639,6 +641,25 @@ def _same_columns(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     for row in rows:
         groups.setdefault(tuple(row), []).append(row)
     yield from groups.values()
+
+
+class _Prepared:
+    """A select compiled once for the engine's dialect and run through the driver.
+
+    The store path runs these lookups for every instance received; SQLAlchemy's
+    per-call work (cache key, compiled-cache lookup) costs more than the lookup.
+    For selects of plain values only: the driver's types are returned as they are.
+    """
+
+    def __init__(self, stmt: Select[Any], engine: Engine) -> None:
+        self._compiled = stmt.compile(dialect=engine.dialect)
+        self._sql = str(self._compiled)
+
+    def first(self, conn: Connection, **values: Any) -> Any:
+        params = self._compiled.construct_params(values)
+        args: Any = (tuple(params[name] for name in self._compiled.positiontup or ())
+                     if self._compiled.positional else params)
+        return conn.exec_driver_sql(self._sql, args).first()
 
 
 class SqliteWriteLock:
