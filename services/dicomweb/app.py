@@ -30,7 +30,7 @@ CAPABILITIES: dict[str, object] = {
                       "{any of the above}/metadata",
                       "/studies/{study}/series/{series}/instances/{instance}/frames/{list}",
                       "/studies/{study}/series/{series}/instances/{instance}/bulkdata/{tag}"],
-        "rendered": ["{instance}/rendered", "{instance}/frames/{n}/rendered",
+        "rendered": ["{study|series|instance}/rendered", "{instance}/frames/{n}/rendered",
                      "{study|series|instance}/thumbnail"],
         "rendered-media-types": ["image/jpeg", "image/png"],
         "rendered-parameters": ["window", "viewport", "quality"],

@@ -8,9 +8,10 @@ scaling. It decodes what pydicom can decode with the plugins installed
 anything else gets 406.
 
 A multi-frame instance's ``/rendered`` renders its first frame; other frames
-through ``/frames/{n}/rendered``. Thumbnails are the rendered first frame of
-the middle instance (of the series, or of the study's first series), fit into
-the viewport (default 128x128).
+through ``/frames/{n}/rendered``. A study's or series' ``/rendered`` is its
+representative image, the first frame of the middle instance (of the series,
+or of the study's first series), as Orthanc renders them; thumbnails are the
+same image fit into the viewport (default 128x128).
 """
 
 from __future__ import annotations
@@ -191,6 +192,20 @@ async def retrieve_rendered_frame(study: str, series: str, sop: str, frame: str,
         raise HTTPException(400, "rendered frames are requested one at a time, from 1")
     instance = (await _find(deps, study, series, sop))[0]
     return await _rendered(request, deps, instance, int(frame), None)
+
+
+@router.get("/studies/{study}/rendered")
+async def retrieve_rendered_study(study: str, request: Request, deps: DepsDep) -> Response:
+    """The study as one representative image, as Orthanc does: the middle instance of
+    its first series, full size (``viewport`` and ``window`` apply)."""
+    return await _rendered(request, deps, _middle(await _find(deps, study)), 1, None)
+
+
+@router.get("/studies/{study}/series/{series}/rendered")
+async def retrieve_rendered_series(study: str, series: str, request: Request,
+                                   deps: DepsDep) -> Response:
+    """The series as its middle instance, rendered."""
+    return await _rendered(request, deps, _middle(await _find(deps, study, series)), 1, None)
 
 
 @router.get("/studies/{study}/thumbnail")

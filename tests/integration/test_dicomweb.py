@@ -476,6 +476,13 @@ def test_rendered_and_thumbnails(web: Web) -> None:
     jpeg = httpx.get(f"{base}/frames/1/rendered", params={"viewport": "32,16", "quality": "50"})
     assert jpeg.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(jpeg.content)).size == (32, 16)
+    # A study's and a series' rendered image: its representative instance, full size.
+    for url in (f"{web.root}/studies/{study}/rendered",
+                f"{web.root}/studies/{study}/series/{series}/rendered"):
+        whole = httpx.get(url, params={"window": "0,400"}, headers={"Accept": "image/png"})
+        assert whole.status_code == 200 and whole.headers["content-type"] == "image/png"
+        assert whole.content == png.content
+    assert httpx.get(f"{web.root}/studies/{generate_uid()}/rendered").status_code == 404
     for url in (f"{web.root}/studies/{study}/thumbnail",
                 f"{web.root}/studies/{study}/series/{series}/thumbnail", f"{base}/thumbnail"):
         thumb = Image.open(io.BytesIO(httpx.get(url).content))
