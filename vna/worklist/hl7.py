@@ -120,12 +120,48 @@ def read_frames(buffer: bytearray) -> list[bytes]:
         out.append(payload)
 
 
+# HL7 table 0211 (MSH-18, character set) -> Python codec.
+_CHARSETS = {
+    "ASCII": "ascii", "8859/1": "latin-1", "8859/2": "iso8859-2", "8859/3": "iso8859-3",
+    "8859/4": "iso8859-4", "8859/5": "iso8859-5", "8859/6": "iso8859-6",
+    "8859/7": "iso8859-7", "8859/8": "iso8859-8", "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15", "ISO IR87": "iso2022_jp", "ISO IR159": "iso2022_jp_2",
+    "GB 18030-2000": "gb18030", "KS X 1001": "euc_kr", "BIG-5": "big5",
+}
+
+
+def message_charset(payload: bytes) -> str | None:
+    """The codec MSH-18 names (its first repetition), None when absent or unknown.
+
+    MSH itself is ASCII in every character set HL7 v2 allows, so it is read as bytes.
+    """
+    msh = payload.lstrip(b"\r\n").split(b"\r", 1)[0].split(b"\n", 1)[0]
+    if not msh.startswith(b"MSH") or len(msh) < 8:
+        return None
+    fields = msh.decode("ascii", "replace").split(msh[3:4].decode("ascii", "replace"))
+    # fields[0] is "MSH", fields[1] the encoding characters (MSH-2): MSH-n is fields[n-1].
+    if len(fields) < 18:
+        return None
+    repetition = fields[1][1:2] or "~"
+    name = fields[17].split(repetition)[0].strip().upper()
+    return _CHARSETS.get(name)
+
+
 def decode(payload: bytes) -> str:
-    """HL7 text from wire bytes: UTF-8 when it is, ISO 8859-1 (the v2 default) otherwise."""
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        text = payload.decode("latin-1")
+    """HL7 text from wire bytes: in the character set MSH-18 names; without one, UTF-8
+    when it is, ISO 8859-1 (the v2 default) otherwise."""
+    codec = message_charset(payload)
+    text: str | None = None
+    if codec is not None:
+        try:
+            text = payload.decode(codec)
+        except UnicodeDecodeError:
+            text = None  # mislabelled: fall back to the guess below
+    if text is None:
+        try:
+            text = payload.decode("utf-8")
+        except UnicodeDecodeError:
+            text = payload.decode("latin-1")
     # Segments end with CR; tolerate senders that use LF or CRLF.
     return text.replace("\r\n", "\r").replace("\n", "\r").strip("\r") + "\r"
 

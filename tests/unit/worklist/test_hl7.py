@@ -154,3 +154,41 @@ def test_mllp_framing_round_trip() -> None:
     [one] = read_frames(buffer)
     assert decode(one) == "MSH|a\rPID|b\r"
     assert bytes(buffer) == frame("MSH|c\r")[:5]
+
+
+def _with_charset(message: str, charset: str) -> str:
+    """``message`` with MSH-18 (character set) set."""
+    msh, rest = message.split("\r", 1)
+    fields = msh.split("|")
+    fields += [""] * (18 - len(fields))
+    fields[17] = charset  # MSH-n is fields[n - 1]: MSH-1 is the separator itself
+    return "|".join(fields) + "\r" + rest
+
+
+@pytest.mark.parametrize(("charset", "codec", "name"), [
+    ("8859/1", "latin-1", "MÜLLER^JÖRG"),
+    ("8859/2", "iso8859-2", "DVOŘÁK^ANTONÍN"),
+    ("8859/5", "iso8859-5", "ИВАНОВ^ИВАН"),
+    ("UNICODE UTF-8", "utf-8", "ŁUKASZ^ŻÓŁW"),
+    ("ISO IR87", "iso2022_jp", "山田^太郎"),
+])
+def test_msh18_names_the_character_set(store: MemoryWorklistStore, charset: str, codec: str,
+                                       name: str) -> None:
+    message = _with_charset(order_message(accession="CS1", patient_name=name), charset)
+    payload = read_frames(bytearray(b"\x0b" + message.encode(codec) + b"\x1c\r"))[0]
+    text = decode(payload)
+    assert name in text
+    assert ack_code(send(store, text)) == "AA"
+    [o] = orders(store)
+    with store.transaction() as tx:
+        patient = tx.get_patient(o.patient_id, o.issuer_of_patient_id)
+    assert patient is not None and patient.patient_name == name
+
+
+def test_without_msh18_utf8_or_latin1_is_recognised() -> None:
+    message = order_message(accession="CS2", patient_name="MÜLLER^JÖRG")
+    for codec in ("utf-8", "latin-1"):
+        assert "MÜLLER^JÖRG" in decode(message.encode(codec))
+    # A wrong label does not garble what is valid UTF-8.
+    mislabelled = _with_charset(message, "ISO IR87").encode("utf-8")
+    assert "MÜLLER^JÖRG" in decode(mislabelled)
