@@ -147,7 +147,9 @@ def cmd_run(settings: Settings) -> int:
                                    "data_dir": str(settings.data_dir)})
     print(f"VNA ready: DIMSE {settings.ae_title}@{settings.bind}:{settings.dimse_port}, "
           f"HTTP http://{settings.bind}:{settings.http_port}/dicomweb", flush=True)
-    stop.wait()
+    while not stop.wait(1.0):
+        if dispatcher is not None:
+            _replace_exited(extra, dispatcher)
     print("VNA stopping", flush=True)
     if hl7 is not None:
         hl7.stop()
@@ -183,6 +185,16 @@ def _ingest_workers(settings: Settings) -> int:
     # One receiver per core plus one: receivers spend much of their time waiting on
     # the network and on fsync, and the main process indexes beside them.
     return settings.ingest_workers if settings.ingest_workers > 0 else (os.cpu_count() or 1) + 1
+
+
+def _replace_exited(receivers: list[Any], dispatcher: Any) -> None:
+    """A receiver process that died (OOM-killed, a crash) is replaced; meanwhile the
+    dispatcher hands associations to the others."""
+    for i, proc in enumerate(receivers):
+        if proc.poll() is not None:
+            log.error("a receiver process exited; starting another",
+                      extra={"pid": proc.pid, "returncode": proc.returncode})
+            receivers[i] = _spawn_worker(dispatcher.add_receiver())
 
 
 def _spawn_worker(channel: Any) -> Any:

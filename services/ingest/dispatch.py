@@ -109,7 +109,9 @@ class Dispatcher:
     def _hand_over(self, conn: socket.socket) -> None:
         while True:
             with self._lock:
-                candidates = [r for r in self._receivers if r.alive]
+                alive = [r for r in self._receivers if r.alive]
+                # One just started (replacing one that died) gets work once it serves.
+                candidates = [r for r in alive if r.ready.is_set()] or alive
                 if not candidates:
                     log.error("no receiver process left: connection refused")
                     return
