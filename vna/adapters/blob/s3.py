@@ -213,10 +213,8 @@ class S3BlobStore:
             raise self._unavailable("PUT object", exc) from exc
         except BotoCoreError as exc:
             raise self._unavailable("PUT object", exc) from exc
-        head = self._head(key)
-        stored = None if head is None else int(head.get("ContentLength", -1))
-        if stored != size:
-            raise Unavailable(f"S3 object size after upload is {stored}, expected {size}")
+        # No read-back: the server checked Content-MD5 (each part's, for multipart)
+        # before answering 200, which is the durability the store path waits for.
         return True
 
     def _put_multipart(self, object_key: str, path: Path) -> None:
