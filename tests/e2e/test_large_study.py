@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from tests.support.processes import VnaProcess
+from tests.support.processes import VnaProcess, wait_for
 from vna.testing.synthetic import ct_instance
 
 SIDE = 5120  # 5120 x 5120 x 16 bit = 50 MiB of pixel data an instance
@@ -50,6 +50,12 @@ def _body(boundary: str, headers: list[bytes]) -> Iterator[bytes]:
             yield CHUNK
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode()
+
+
+def _indexed(client: httpx.Client, study: str) -> int:
+    found = client.get("/dicomweb/studies", params={
+        "StudyInstanceUID": study, "includefield": "NumberOfStudyRelatedInstances"}).json()
+    return int(found[0]["00201208"]["Value"][0]) if found else 0
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -88,6 +94,8 @@ def test_two_gigabyte_study_streams_in_and_out(archive: VnaProcess) -> None:
         after_store = _peak_rss_mib(archive.proc.pid)
         assert after_store < LIMIT_MIB, f"{after_store:.0f} MiB resident after a 2 GB STOW"
 
+        # Indexing follows the answer (the outbox): retrieve once all are indexed.
+        wait_for(lambda: _indexed(client, study) == COUNT, 120, what="all indexed")
         total = 0
         with client.stream(
                 "GET", f"/dicomweb/studies/{study}",
