@@ -20,7 +20,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
-                data[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
+                # An extra never overwrites the record's own fields (its level above all).
+                name = key if key not in data else f"extra_{key}"
+                data[name] = value if isinstance(value, (str, int, float, bool)) else str(value)
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data)

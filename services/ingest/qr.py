@@ -259,7 +259,7 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
                                                           "SpecificCharacterSet")
                  and elem.tag.group not in (0x0000, 0x0002) and not elem.tag.is_private]
     charset = identifier.get("SpecificCharacterSet")
-    log.info("C-FIND", extra={"level": str(level), "matches": len(results)})
+    log.info("C-FIND", extra={"query_level": str(level), "matches": len(results)})
     incomplete = _backfilling(query, deps)
     if incomplete:
         # DIMSE has no warning for partial results: answered all the same, and logged.
