@@ -55,6 +55,7 @@ from vna.dicom.corrections import apply_to_json
 from vna.dicom.extended import ExtraValue
 from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
 from vna.events import Event, InstanceStored, encode_event
+from vna.journal import BlobJournal, JournalEntry
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
 from vna.ports import (
     BackfillState,
@@ -180,20 +181,24 @@ def _now() -> datetime:
 class SqlIndex:
     """``Index`` over SQLAlchemy Core."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, journal: BlobJournal | None = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sqlite_write = SqliteWriteLock(engine)
+        self.journal = journal
+        """Where corrections and merges are journaled (``vna.journal``); None: nowhere,
+        and ``vna reindex`` cannot rebuild them (tests of the index alone)."""
 
     @classmethod
-    def from_url(cls, url: str, *, run_migrations: bool = True) -> SqlIndex:
+    def from_url(cls, url: str, *, run_migrations: bool = True,
+                 journal: BlobJournal | None = None) -> SqlIndex:
         engine = make_engine(url)
         try:
             if run_migrations:
                 migrate(engine)
         except OperationalError as exc:
             raise Unavailable(f"index database: {exc.orig}") from exc
-        return cls(engine)
+        return cls(engine, journal=journal)
 
     # ------------------------------------------------------------ helpers
     def _insert(self, table: Any) -> Any:
@@ -502,6 +507,13 @@ class SqlIndex:
 
     def unmerge_patients(self, merge_ref: str, *, actor: str) -> None:
         corrections.Corrections(self).unmerge_patients(merge_ref, actor=actor)
+
+    def journal_keys(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return corrections.journal_keys(conn)
+
+    def replay_journal(self, entry: JournalEntry) -> str:
+        return corrections.Corrections(self, replay=entry).replay_entry()
 
     def study_versions(self, study_instance_uid: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
