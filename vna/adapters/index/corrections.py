@@ -448,6 +448,9 @@ class Corrections:
                             detail=f"version={version} unchanged; {reason}")
                 return version_ref(study_instance_uid, version)
             previous = {k: json_text(shown, k) for k in effective}
+            if self.replay is not None:
+                self._differs("changes", effective, self.replay.doc.get("changes"))
+                self._differs("previous", previous, self.replay.doc.get("previous"))
             self._add_version(conn, study_instance_uid, version + 1, "correction", effective,
                               previous, {**overlay, **effective}, reason, actor)
             self._apply_columns(conn, study, effective)
