@@ -451,6 +451,8 @@ class Corrections:
             if self.replay is not None:
                 self._differs("changes", effective, self.replay.doc.get("changes"))
                 self._differs("previous", previous, self.replay.doc.get("previous"))
+                # The history shows what was shown then (instance order may differ now).
+                previous = dict(self.replay.doc["previous"])
             self._add_version(conn, study_instance_uid, version + 1, "correction", effective,
                               previous, {**overlay, **effective}, reason, actor)
             self._apply_columns(conn, study, effective)
@@ -501,6 +503,7 @@ class Corrections:
             survivor = self._patient(conn, patient_id, issuer)
             moved: dict[str, tuple[int, str]] = {}
             survivor_created = False
+            changes: dict[str, str] = {}
             if priors:
                 changes = {"PatientID": patient_id, "IssuerOfPatientID": issuer}
                 if survivor is not None:
@@ -510,6 +513,15 @@ class Corrections:
                     survivor_created = True
                     survivor_pk = self._patient_pk(conn, patient_id, issuer,
                                                    _patient_columns(priors[0]))
+            prior_record = {p.issuer_of_patient_id: _patient_columns(p) for p in priors}
+            if only is not None:
+                # A rebuilt patient row may hold another instance's spelling: the merge
+                # sets, and its undo restores, what it did then.
+                self._differs("changes", changes, only.get("changes", changes))
+                self._differs("prior patient", prior_record,
+                              only.get("prior_patient", prior_record))
+                changes = dict(only.get("changes", changes))
+                prior_record = dict(only.get("prior_patient", prior_record))
             for prior in priors:
                 for uid, pk in conn.execute(
                         select(studies.c.study_instance_uid, studies.c.pk)
@@ -526,8 +538,7 @@ class Corrections:
                 merge_ref=merge_ref, prior_patient_id=prior_patient_id,
                 prior_issuer_of_patient_id=prior_issuer, patient_id=patient_id,
                 issuer_of_patient_id=issuer,
-                prior_patient=json.dumps({p.issuer_of_patient_id: _patient_columns(p)
-                                          for p in priors}),
+                prior_patient=json.dumps(prior_record),
                 survivor_created=int(survivor_created), studies=json.dumps(moved),
                 actor=actor[:64], merged_at=self.at, undone_at=None, undone_by=""))
             recorded = {uid: [v, i] for uid, (v, i) in moved.items()}
@@ -538,7 +549,7 @@ class Corrections:
                 "prior_issuer_of_patient_id": prior_issuer, "patient_id": patient_id,
                 "issuer_of_patient_id": issuer, "actor": actor,
                 "prior_issuers": [p.issuer_of_patient_id for p in priors],
-                "studies": recorded})
+                "prior_patient": prior_record, "changes": changes, "studies": recorded})
             self._audit(
                 conn, "studies.merged", actor=actor,
                 subject=f"patient:{prior_patient_id}^{prior_issuer}",
@@ -597,6 +608,9 @@ class Corrections:
             prior = conn.execute(select(patients).where(patients.c.pk == row.patient_pk)).one()
             survivor_pk = self._patient_pk(conn, merge.patient_id, merge.issuer_of_patient_id,
                                            _patient_columns(prior))
+        if self.replay is not None:
+            self._differs("changes", changes, self.replay.doc.get("changes", changes))
+            changes = dict(self.replay.doc.get("changes", changes))
         actor = merge.actor
         version = self._merge_version(conn, uid, row.pk, changes, merge.merge_ref, actor)
         conn.execute(studies.update().where(studies.c.pk == row.pk)
@@ -607,13 +621,16 @@ class Corrections:
         if row.issuer_of_patient_id not in priors:
             prior = conn.execute(select(patients).where(patients.c.pk == row.patient_pk)).one()
             priors[row.issuer_of_patient_id] = _patient_columns(prior)
+            if self.replay is not None and "prior_patient" in self.replay.doc:
+                priors[row.issuer_of_patient_id] = self.replay.doc["prior_patient"]
         conn.execute(patient_merges.update()
                      .where(patient_merges.c.merge_ref == merge.merge_ref)
                      .values(studies=json.dumps(moved), prior_patient=json.dumps(priors)))
         if self.replay is not None:
             self._differs("version", version, self.replay.doc.get("version"))
         self._journal(conn, "join", {
-            "merge_ref": merge.merge_ref, "study": uid, "version": version,
+            "merge_ref": merge.merge_ref, "study": uid, "version": version, "changes": changes,
+            "prior_patient": priors.get(row.issuer_of_patient_id),
             "arrived_as": [row.patient_id, row.issuer_of_patient_id]})
         self._audit(
             conn, "studies.merged", actor="index",
