@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from sqlalchemy import select
@@ -230,3 +231,37 @@ def test_vna_reindex_command_rebuilds_corrections(tmp_path: Path) -> None:
     assert snapshot(rebuilt, ["P1", "P2", "P3"]) == before
     assert len(s) == 5
     rebuilt.close()
+
+
+def test_an_entry_that_cannot_be_replayed_is_reported_and_the_chain_goes_on(
+        urls: tuple[str, ...], tmp_path: Path) -> None:
+    archive = Archive(tmp_path, urls[0])
+    kept, lost = _study("P1", "DOE^JANE", "ACC-A"), _study("P2", "ROE^RICHARD", "ACC-B", 1)
+    archive.receive(*kept, *lost)
+    archive.index.correct_study(_uid(lost), {"AccessionNumber": "B1"}, reason="r", actor="a")
+    archive.index.correct_study(_uid(kept), {"AccessionNumber": "A1"}, reason="r", actor="a")
+    for path in (tmp_path / "blobs").glob("??/??/*"):  # the lost study's blob is gone
+        if path.read_bytes()[:len(MAGIC)] != MAGIC and _uid(lost) in str(
+                dcmread(path, stop_before_pixels=True).StudyInstanceUID):
+            path.unlink()
+    archive.index.close()
+
+    rebuilt = SqlIndex.from_url(urls[1], journal=BlobJournal(archive.blobs))
+    report = reindex(blobs=archive.blobs, index=rebuilt)
+    assert (report.journal, report.replayed, report.orphaned) == (2, 2, 0)
+    [differs] = report.mismatched
+    assert "not applied" in differs and _uid(lost) in differs
+    assert [v["changes"] for v in rebuilt.study_versions(_uid(kept))] == [
+        {"AccessionNumber": "A1"}]
+    assert [r["outcome"] for r in rebuilt.audit_records("index.reindexed")] == ["incomplete"]
+    # Both keys are held, so the next entry chains to the last one: a later rebuild
+    # does not mistake the rebuilt index's entries for dead ends.
+    assert len(rebuilt.journal_keys()) == 2
+    rebuilt.correct_study(_uid(kept), {"AccessionNumber": "A2"}, reason="r", actor="a")
+    third = SqlIndex.from_url(urls[2])
+    again = reindex(blobs=archive.blobs, index=third)
+    assert (again.journal, again.replayed, again.orphaned, len(again.mismatched)) == (3, 3, 0, 1)
+    assert [v["changes"] for v in third.study_versions(_uid(kept))] == [
+        {"AccessionNumber": "A1"}, {"AccessionNumber": "A2"}]
+    rebuilt.close()
+    third.close()
