@@ -53,9 +53,12 @@ Journal (``vna.journal``)
     is also written as a journal entry to the blob store, from inside its
     transaction, before the commit; the entry's key is recorded in
     ``correction_journal`` in the same transaction (the chain's head). Replay
-    (``replay``) runs the same code with the entry's time, merge reference and
-    studies pinned, and reports where the outcome differs from what the entry
-    recorded (versions, studies moved).
+    (``replay``) runs the same code with the entry's time, merge reference,
+    studies moved, values set and values shown before taken from the entry (a
+    rebuilt index may hold another instance's spelling in a patient row), and
+    reports where its own outcome differs from what the entry recorded. An entry
+    that cannot be applied (e.g. its study's blobs are gone) is reported and its
+    key recorded all the same, so that the chain's head stays the last entry.
 """
 
 from __future__ import annotations
