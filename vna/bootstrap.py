@@ -53,10 +53,14 @@ def build_blobs(settings: Settings) -> BlobStore:
     raise ValueError(f"VNA_STORAGE_URL: unsupported scheme {scheme!r}")
 
 
-def build_index(settings: Settings) -> Index:
+def build_index(settings: Settings, blobs: BlobStore | None = None) -> Index:
+    """The index; with ``blobs``, corrections and merges are journaled there so that
+    ``vna reindex`` can rebuild them (every process that can correct gets them)."""
     from vna.adapters.index.sqlalchemy import SqlIndex
+    from vna.journal import BlobJournal
 
-    return SqlIndex.from_url(settings.db_url())
+    journal = BlobJournal(blobs) if blobs is not None else None
+    return SqlIndex.from_url(settings.db_url(), journal=journal)
 
 
 def build_bus(settings: Settings) -> Bus:
@@ -86,10 +90,11 @@ def build(settings: Settings) -> Deps:
     # A wrong attribute list stops the start with the reason, before anything opens.
     extended = parse_extended_attributes(settings.extra_query_attributes)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    blobs = build_blobs(settings)
     return Deps(
         settings=settings,
-        blobs=build_blobs(settings),
-        index=build_index(settings),
+        blobs=blobs,
+        index=build_index(settings, blobs),
         bus=build_bus(settings),
         cache=build_cache(settings),
         extended=extended,

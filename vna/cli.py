@@ -316,9 +316,13 @@ def cmd_reindex(settings: Settings) -> int:
     deps = build(settings)
     report = reindex(blobs=deps.blobs, index=deps.index, extended=deps.extended)
     print(f"reindexed {report.indexed} instances from {report.blobs} blobs "
-          f"({report.failed} unreadable)", flush=True)
+          f"({report.failed} unreadable); replayed {report.replayed} of {report.journal} "
+          f"correction journal entries ({report.orphaned} not committed, left out; "
+          f"{len(report.mismatched)} replayed differently)", flush=True)
+    for line in report.mismatched:
+        print(f"  replayed differently: {line}", flush=True)
     deps.close()
-    return 0 if report.failed == 0 else 1
+    return 0 if report.failed == 0 and not report.mismatched else 1
 
 
 def cmd_backfill(settings: Settings, *, restart: bool = False) -> int:

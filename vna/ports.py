@@ -10,13 +10,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 
 from vna.dicom.extended import ExtraValue
 from vna.dicom.matching import Level, Query
 from vna.events import Event, InstanceStored
 from vna.model import BlobKey, InstanceClaim, StoredInstance
 from vna.model import IndexRecord as IndexRecord  # re-exported: adapters import it from here
+
+if TYPE_CHECKING:
+    from vna.journal import JournalEntry
 
 
 class Unavailable(Exception):
@@ -229,6 +232,15 @@ class Index(Protocol):
 
     def unmerge_patients(self, merge_ref: str, *, actor: str) -> None:
         """Undo a merge exactly (a no-op when it was already undone)."""
+        ...
+
+    def journal_keys(self) -> set[str]:
+        """Keys of the correction journal entries (``vna.journal``) this index holds."""
+        ...
+
+    def replay_journal(self, entry: JournalEntry) -> str:
+        """Apply a journal entry as it was applied first (its time, merge reference,
+        studies); records its key. Returns '' or what came out differently."""
         ...
 
     def study_versions(self, study_instance_uid: str) -> list[dict[str, Any]]:

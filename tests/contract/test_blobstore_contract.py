@@ -257,3 +257,19 @@ def test_s3_unreachable_is_unavailable_and_fast(staging: Staging) -> None:
         store.check()
     # Refused connections, a few quick retries: well inside a DIMSE timeout.
     assert time.monotonic() - began < 15
+
+
+def test_journal_entries_are_listed_and_read_back_like_any_blob(store: BlobStore) -> None:
+    """The correction journal (vna.journal) lives in the blob store: reindex finds its
+    entries by listing and tells them from DICOM by their first line."""
+    from vna.journal import MAGIC, BlobJournal, is_journal
+
+    journal = BlobJournal(store)
+    doc = {"kind": "unmerge", "seq": 3, "prev": "ab" * 32, "at": "2026-12-01T10:00:00+00:00",
+           "merge_ref": "m1", "actor": "adt", "studies": ["1.2.3"]}
+    key = journal.write(doc)
+    assert journal.write(doc) == key
+    assert key in set(store.keys())
+    assert is_journal(store.read_range(key, 0, len(MAGIC)))
+    assert journal.read(key).doc == doc
+    assert hashlib.sha256(store.read_range(key, 0)).hexdigest() == key

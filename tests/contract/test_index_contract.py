@@ -126,6 +126,31 @@ def test_concurrent_claims_of_one_instance_make_one_event(index: SqlIndex) -> No
     assert index.outbox_depth() == 1
 
 
+def test_concurrent_first_instances_of_a_new_study_are_all_claimed(index: SqlIndex) -> None:
+    # Several associations (or STOW clients) sending one new study at once: each
+    # races to record the study's patient; none may be told to retry for that.
+    study, series = generate_uid(), generate_uid()
+    claims = [_claim(study=study, series=series) for _ in range(8)]
+    start = threading.Barrier(len(claims))
+    outcomes: list[object] = []
+
+    def go(claim: InstanceClaim, event: InstanceStored) -> None:
+        start.wait()
+        try:
+            outcomes.append(index.claim(claim, event))
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=go, args=c) for c in claims]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes == [ClaimOutcome.NEW] * len(claims)
+    assert index.outbox_depth() == len(claims)
+    assert index.patient_of_study(study) == ("P1", "")
+
+
 def test_a_failed_publish_leaves_events_in_the_outbox(index: SqlIndex) -> None:
     index.claim(*_claim())
 

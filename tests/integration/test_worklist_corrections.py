@@ -32,6 +32,8 @@ from services.worklist.scp import worklist_store
 from services.worklist.service import start_hl7, subscribe_binder
 from tests.support.archive import Archive
 from tests.support.processes import free_port, wait_for
+from vna.journal import committed_chain, decode, is_journal
+from vna.model import BlobKey
 from vna.testing.hl7msgs import ack_code, adt_message, order_message
 from vna.testing.synthetic import ct_instance
 from vna.worklist.hl7 import send_hl7
@@ -114,15 +116,17 @@ def _multipart_bodies(content_type: str, content: bytes) -> list[bytes]:
     return bodies
 
 
-def _stored(arch: Archive) -> dict[str, bytes]:
-    """Every stored blob, checked against its content address."""
+def _stored(arch: Archive, journal: bool = False) -> dict[str, bytes]:
+    """Every stored DICOM blob (or, with ``journal``, every correction journal entry),
+    checked against its content address."""
     assert arch.deps is not None
     found = {}
     for key in arch.deps.blobs.keys():
         with arch.deps.blobs.open(key) as fp:
             data = fp.read()
         assert hashlib.sha256(data).hexdigest() == key
-        found[key] = data
+        if is_journal(data) == journal:
+            found[key] = data
     return found
 
 
@@ -236,8 +240,11 @@ def test_link_corrects_and_merge_is_undone(archive: tuple[Archive, int], tmp_pat
         "merge", "unmerge"]
     got = _getscu(arch, tmp_path, right_uid)
     assert {g.PatientID for g in got} == {OTHER_ID}
-    # Nothing stored was rewritten; every step is in the tamper-evident trail.
+    # Nothing stored was rewritten; every step is in the tamper-evident trail, and in
+    # the correction journal next to the images (what vna reindex replays).
     assert _stored(arch) == stored
+    entries = [decode(BlobKey(k), d) for k, d in _stored(arch, journal=True).items()]
+    assert [e.kind for e in committed_chain(entries)[0]] == ["correction", "merge", "unmerge"]
     assert {a["action"] for a in deps.index.audit_records()} >= {
         "study.corrected", "studies.merged", "studies.unmerged", "patient.merged",
         "patient.unmerged", "reconciliation.linked"}

@@ -46,6 +46,19 @@ Store path
     (``after_upsert``) and joins the merge's record, so unmerge takes it back.
 
 Every step is audited through the index's hash chain, in the same transaction.
+
+Journal (``vna.journal``)
+    So that ``vna reindex`` can rebuild all this from the blob store alone, every
+    correction, merge, join (a study following a merge as it arrives) and unmerge
+    is also written as a journal entry to the blob store, from inside its
+    transaction, before the commit; the entry's key is recorded in
+    ``correction_journal`` in the same transaction (the chain's head). Replay
+    (``replay``) runs the same code with the entry's time, merge reference,
+    studies moved, values set and values shown before taken from the entry (a
+    rebuilt index may hold another instance's spelling in a patient row), and
+    reports where its own outcome differs from what the entry recorded. An entry
+    that cannot be applied (e.g. its study's blobs are gone) is reported and its
+    key recorded all the same, so that the chain's head stays the last entry.
 """
 
 from __future__ import annotations
@@ -56,12 +69,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, select
+from sqlalchemy import ColumnElement, and_, exists, func, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
 from vna.adapters.index.schema import (
     column_name,
+    correction_journal,
     instances,
     patient_merges,
     patients,
@@ -77,6 +91,7 @@ from vna.dicom.corrections import (
     json_text,
 )
 from vna.dicom.matching import ATTRIBUTES, Level, normalize_person_name, stored_time
+from vna.journal import JournalEntry
 from vna.ports import Unavailable
 
 if TYPE_CHECKING:
@@ -237,11 +252,57 @@ def _patient_text(row: Any, keyword: str) -> str:
     return "" if value is None else str(value)
 
 
-class Corrections:
-    """The write side, over one ``SqlIndex`` (its write transactions and audit chain)."""
+def journal_keys(conn: Connection) -> set[str]:
+    return set(conn.execute(select(correction_journal.c.journal_key)).scalars())
 
-    def __init__(self, index: SqlIndex) -> None:
+
+class Corrections:
+    """The write side, over one ``SqlIndex`` (its write transactions and audit chain).
+
+    ``replay``: the journal entry being replayed (its time and identifiers are
+    used, nothing is written to the journal, and ``mismatch`` says where the
+    outcome differs from the entry).
+    """
+
+    def __init__(self, index: SqlIndex, replay: JournalEntry | None = None) -> None:
         self.index = index
+        self.replay = replay
+        self.at = datetime.fromisoformat(replay.at) if replay is not None else _now()
+        self.mismatch = ""
+        self.recorded = False
+
+    # ---------------------------------------------------------- journal
+    def _audit(self, conn: Connection, action: str, *, actor: str, subject: str,
+               detail: str) -> None:
+        if self.replay is not None:
+            detail += f"; replayed from journal {self.replay.key} of {self.replay.at}"
+        self.index._append_audit(conn, action, "success", actor=actor, subject=subject,
+                                 detail=detail)
+
+    def _differs(self, what: str, replayed: Any, recorded: Any) -> None:
+        if self.replay is not None and replayed != recorded:
+            self.mismatch += f"{what}: replayed {replayed!r}, journal {recorded!r}; "
+
+    def _journal(self, conn: Connection, kind: str, body: dict[str, Any]) -> None:
+        """Record the change in the journal (blob first, then its key in this
+        transaction); a replay records the replayed entry's key."""
+        if self.index.dialect == "postgresql":
+            # One journal writer at a time, to the commit: each entry names the head.
+            conn.execute(text("SELECT pg_advisory_xact_lock(74213)"))
+        head = conn.execute(select(correction_journal.c.seq, correction_journal.c.journal_key)
+                            .order_by(correction_journal.c.seq.desc()).limit(1)).first()
+        seq = int(head.seq) + 1 if head is not None else 1
+        if self.replay is not None:
+            key = self.replay.key
+        elif self.index.journal is None:
+            return
+        else:
+            key = self.index.journal.write({
+                "kind": kind, "seq": seq, "prev": head.journal_key if head else "",
+                "at": self.at.isoformat(), **body})
+        conn.execute(correction_journal.insert().values(
+            seq=seq, journal_key=key, kind=kind, recorded_at=_now()))
+        self.recorded = True
 
     # ---------------------------------------------------------- helpers
     def _lock_study(self, conn: Connection, study_uid: str) -> Any:
@@ -293,7 +354,7 @@ class Corrections:
             changes=json.dumps(dict(changes), sort_keys=True),
             previous=json.dumps(dict(previous), sort_keys=True),
             attributes=json.dumps(dict(attributes), sort_keys=True),
-            reason=reason, actor=actor[:64], created_at=_now()))
+            reason=reason, actor=actor[:64], created_at=self.at))
 
     def _apply_columns(self, conn: Connection, study: Any, changes: Mapping[str, str]
                        ) -> None:
@@ -329,6 +390,51 @@ class Corrections:
         except SQLAlchemyError as exc:
             raise Unavailable(f"index database: {exc}") from exc
 
+    def replay_entry(self) -> str:
+        """Apply the journal entry given as ``replay``; '' or what differed."""
+        entry = self.replay
+        assert entry is not None
+        doc = entry.doc
+        try:
+            if entry.kind == "correction":
+                ref = self.correct_study(str(doc["study"]), doc["changes"],
+                                         reason=str(doc["reason"]), actor=str(doc["actor"]))
+                self._differs("version", ref, version_ref(str(doc["study"]),
+                                                          int(doc["version"])))
+            elif entry.kind == "merge":
+                self.merge_patients(
+                    str(doc["prior_patient_id"]), str(doc["prior_issuer_of_patient_id"]),
+                    str(doc["patient_id"]), str(doc["issuer_of_patient_id"]),
+                    actor=str(doc["actor"]))
+            elif entry.kind == "join":
+                self._run(lambda conn: self._replay_join(conn, doc))
+            else:
+                self.unmerge_patients(str(doc["merge_ref"]), actor=str(doc["actor"]))
+        except (CorrectionError, LookupError, KeyError, TypeError, ValueError) as exc:
+            self.mismatch += f"not applied: {exc}; "
+        if not self.recorded:
+            # The key is recorded all the same: it is the head the next entry chains to.
+            self._run(lambda conn: self._journal(conn, entry.kind, {}))
+            self.mismatch = self.mismatch or "changed nothing; "
+        return self.mismatch.rstrip("; ")
+
+    def _replay_join(self, conn: Connection, doc: Mapping[str, Any]) -> None:
+        uid = str(doc["study"])
+        merge = conn.execute(select(patient_merges).where(
+            patient_merges.c.merge_ref == str(doc["merge_ref"]))).first()
+        if merge is None or merge.undone_at is not None:
+            raise CorrectionError(f"merge {doc['merge_ref']} is not active")
+        row = conn.execute(
+            select(studies.c.pk, patients.c.pk.label("patient_pk"), patients.c.patient_id,
+                   patients.c.issuer_of_patient_id)
+            .select_from(studies.join(patients))
+            .where(studies.c.study_instance_uid == uid)).first()
+        if row is None:
+            raise UnknownStudy(f"study {uid} is not in the index")
+        if [row.patient_id, row.issuer_of_patient_id] != list(doc["arrived_as"]):
+            raise CorrectionError(f"study {uid} is not filed as it arrived")
+        self._join_merge(conn, merge, row, uid)
+
     # ---------------------------------------------------------- corrections
     def correct_study(self, study_instance_uid: str, changes: Mapping[str, str], *,
                       reason: str, actor: str) -> str:
@@ -341,16 +447,23 @@ class Corrections:
             effective = {k: v for k, v in wanted.items() if json_text(shown, k) != v}
             subject = f"study:{study_instance_uid}"
             if not effective:
-                self.index._append_audit(conn, "study.corrected", "success", actor=actor,
-                                         subject=subject,
-                                         detail=f"version={version} unchanged; {reason}")
+                self._audit(conn, "study.corrected", actor=actor, subject=subject,
+                            detail=f"version={version} unchanged; {reason}")
                 return version_ref(study_instance_uid, version)
             previous = {k: json_text(shown, k) for k in effective}
+            if self.replay is not None:
+                self._differs("changes", effective, self.replay.doc.get("changes"))
+                self._differs("previous", previous, self.replay.doc.get("previous"))
+                # The history shows what was shown then (instance order may differ now).
+                previous = dict(self.replay.doc["previous"])
             self._add_version(conn, study_instance_uid, version + 1, "correction", effective,
                               previous, {**overlay, **effective}, reason, actor)
             self._apply_columns(conn, study, effective)
-            self.index._append_audit(
-                conn, "study.corrected", "success", actor=actor, subject=subject,
+            self._journal(conn, "correction", {
+                "study": study_instance_uid, "version": version + 1, "changes": effective,
+                "previous": previous, "reason": reason, "actor": actor})
+            self._audit(
+                conn, "study.corrected", actor=actor, subject=subject,
                 detail=f"version={version + 1} keys={','.join(sorted(effective))}; {reason}")
             return version_ref(study_instance_uid, version + 1)
 
@@ -365,6 +478,10 @@ class Corrections:
         if (prior_patient_id, prior_issuer) == (patient_id, issuer):
             raise CorrectionError("a patient cannot be merged into itself")
         merge_ref = uuid.uuid4().hex
+        # A replay moves what the merge moved then, not studies that came later.
+        only = self.replay.doc if self.replay is not None else None
+        if only is not None:
+            merge_ref = str(only["merge_ref"])
 
         def work(conn: Connection) -> str:
             active = conn.execute(select(patient_merges.c.merge_ref).where(and_(
@@ -382,11 +499,14 @@ class Corrections:
             # domain, as the worklist's binder takes them.
             issuers = [prior_issuer, ""] if prior_issuer and (patient_id, issuer) != (
                 prior_patient_id, "") else [prior_issuer]
+            if only is not None:
+                issuers = [i for i in issuers if i in only["prior_issuers"]]
             priors = [p for p in (self._patient(conn, prior_patient_id, i) for i in issuers)
                       if p is not None]
             survivor = self._patient(conn, patient_id, issuer)
             moved: dict[str, tuple[int, str]] = {}
             survivor_created = False
+            changes: dict[str, str] = {}
             if priors:
                 changes = {"PatientID": patient_id, "IssuerOfPatientID": issuer}
                 if survivor is not None:
@@ -396,26 +516,45 @@ class Corrections:
                     survivor_created = True
                     survivor_pk = self._patient_pk(conn, patient_id, issuer,
                                                    _patient_columns(priors[0]))
+            prior_record = {p.issuer_of_patient_id: _patient_columns(p) for p in priors}
+            if only is not None:
+                # A rebuilt patient row may hold another instance's spelling: the merge
+                # sets, and its undo restores, what it did then.
+                self._differs("changes", changes, only.get("changes", changes))
+                self._differs("prior patient", prior_record,
+                              only.get("prior_patient", prior_record))
+                changes = dict(only.get("changes", changes))
+                prior_record = dict(only.get("prior_patient", prior_record))
             for prior in priors:
                 for uid, pk in conn.execute(
                         select(studies.c.study_instance_uid, studies.c.pk)
                         .where(studies.c.patient_pk == prior.pk).order_by(studies.c.pk)).all():
+                    if only is not None and uid not in only["studies"]:
+                        continue
                     moved[uid] = (self._merge_version(conn, uid, pk, changes, merge_ref,
                                                       actor), prior.issuer_of_patient_id)
-                # The prior patient's row stays (without studies it is not listed), so
-                # that unmerge puts the studies back under the very same row.
-                conn.execute(studies.update().where(studies.c.patient_pk == prior.pk)
-                             .values(patient_pk=survivor_pk))
+                    # The prior patient's row stays (without studies it is not listed),
+                    # so that unmerge puts the studies back under the very same row.
+                    conn.execute(studies.update().where(studies.c.pk == pk)
+                                 .values(patient_pk=survivor_pk))
             conn.execute(patient_merges.insert().values(
                 merge_ref=merge_ref, prior_patient_id=prior_patient_id,
                 prior_issuer_of_patient_id=prior_issuer, patient_id=patient_id,
                 issuer_of_patient_id=issuer,
-                prior_patient=json.dumps({p.issuer_of_patient_id: _patient_columns(p)
-                                          for p in priors}),
+                prior_patient=json.dumps(prior_record),
                 survivor_created=int(survivor_created), studies=json.dumps(moved),
-                actor=actor[:64], merged_at=_now(), undone_at=None, undone_by=""))
-            self.index._append_audit(
-                conn, "studies.merged", "success", actor=actor,
+                actor=actor[:64], merged_at=self.at, undone_at=None, undone_by=""))
+            recorded = {uid: [v, i] for uid, (v, i) in moved.items()}
+            if only is not None:
+                self._differs("studies moved", recorded, only["studies"])
+            self._journal(conn, "merge", {
+                "merge_ref": merge_ref, "prior_patient_id": prior_patient_id,
+                "prior_issuer_of_patient_id": prior_issuer, "patient_id": patient_id,
+                "issuer_of_patient_id": issuer, "actor": actor,
+                "prior_issuers": [p.issuer_of_patient_id for p in priors],
+                "prior_patient": prior_record, "changes": changes, "studies": recorded})
+            self._audit(
+                conn, "studies.merged", actor=actor,
                 subject=f"patient:{prior_patient_id}^{prior_issuer}",
                 detail=f"into={patient_id}^{issuer} merge={merge_ref} studies={len(moved)}")
             return merge_ref
@@ -472,6 +611,9 @@ class Corrections:
             prior = conn.execute(select(patients).where(patients.c.pk == row.patient_pk)).one()
             survivor_pk = self._patient_pk(conn, merge.patient_id, merge.issuer_of_patient_id,
                                            _patient_columns(prior))
+        if self.replay is not None:
+            self._differs("changes", changes, self.replay.doc.get("changes", changes))
+            changes = dict(self.replay.doc.get("changes", changes))
         actor = merge.actor
         version = self._merge_version(conn, uid, row.pk, changes, merge.merge_ref, actor)
         conn.execute(studies.update().where(studies.c.pk == row.pk)
@@ -482,11 +624,19 @@ class Corrections:
         if row.issuer_of_patient_id not in priors:
             prior = conn.execute(select(patients).where(patients.c.pk == row.patient_pk)).one()
             priors[row.issuer_of_patient_id] = _patient_columns(prior)
+            if self.replay is not None and "prior_patient" in self.replay.doc:
+                priors[row.issuer_of_patient_id] = self.replay.doc["prior_patient"]
         conn.execute(patient_merges.update()
                      .where(patient_merges.c.merge_ref == merge.merge_ref)
                      .values(studies=json.dumps(moved), prior_patient=json.dumps(priors)))
-        self.index._append_audit(
-            conn, "studies.merged", "success", actor="index",
+        if self.replay is not None:
+            self._differs("version", version, self.replay.doc.get("version"))
+        self._journal(conn, "join", {
+            "merge_ref": merge.merge_ref, "study": uid, "version": version, "changes": changes,
+            "prior_patient": priors.get(row.issuer_of_patient_id),
+            "arrived_as": [row.patient_id, row.issuer_of_patient_id]})
+        self._audit(
+            conn, "studies.merged", actor="index",
             subject=f"study:{uid}",
             detail=f"arrived as {row.patient_id}^{row.issuer_of_patient_id} after merge="
                    f"{merge.merge_ref}; filed under "
@@ -518,9 +668,13 @@ class Corrections:
                 if merge.survivor_created:
                     self._drop_if_empty(conn, int(survivor.pk))
             conn.execute(patient_merges.update().where(patient_merges.c.merge_ref == merge_ref)
-                         .values(undone_at=_now(), undone_by=actor[:64]))
-            self.index._append_audit(
-                conn, "studies.unmerged", "success", actor=actor,
+                         .values(undone_at=self.at, undone_by=actor[:64]))
+            if self.replay is not None:
+                self._differs("studies", sorted(moved), self.replay.doc.get("studies"))
+            self._journal(conn, "unmerge", {"merge_ref": merge_ref, "actor": actor,
+                                            "studies": sorted(moved)})
+            self._audit(
+                conn, "studies.unmerged", actor=actor,
                 subject=f"patient:{merge.prior_patient_id}^{merge.prior_issuer_of_patient_id}",
                 detail=f"from={merge.patient_id}^{merge.issuer_of_patient_id} "
                        f"merge={merge_ref} studies={len(moved)}")

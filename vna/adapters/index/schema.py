@@ -184,3 +184,14 @@ Index("ix_patient_merges_prior", patient_merges.c.prior_patient_id,
       patient_merges.c.prior_issuer_of_patient_id)
 Index("ix_patient_merges_survivor", patient_merges.c.patient_id,
       patient_merges.c.issuer_of_patient_id)
+
+correction_journal = Table(
+    "correction_journal",
+    metadata,
+    # The journal entries (vna.journal) of the corrections this index holds, in order:
+    # the last row is the head the next entry chains to.
+    Column("seq", Integer, primary_key=True, autoincrement=False),
+    Column("journal_key", String(64), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)

@@ -55,6 +55,7 @@ from vna.dicom.corrections import apply_to_json
 from vna.dicom.extended import ExtraValue
 from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
 from vna.events import Event, InstanceStored, encode_event
+from vna.journal import BlobJournal, JournalEntry
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
 from vna.ports import (
     BackfillState,
@@ -169,6 +170,7 @@ _SELECT_OWNER = select(study_patients.c.patient_id, study_patients.c.issuer_of_p
 _SELECT_SERIES_STUDY = select(claims.c.study_instance_uid).where(
     claims.c.series_instance_uid == bindparam("series")).limit(1)
 _INSERT_STUDY_PATIENT = study_patients.insert()
+_CLAIM_ATTEMPTS = 3
 _INSERT_CLAIM = claims.insert()
 _INSERT_OUTBOX = outbox.insert()
 
@@ -180,23 +182,27 @@ def _now() -> datetime:
 class SqlIndex:
     """``Index`` over SQLAlchemy Core."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, journal: BlobJournal | None = None) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sqlite_write = SqliteWriteLock(engine)
         self._claim_of = _Prepared(_SELECT_CLAIM, engine)
         self._owner_of = _Prepared(_SELECT_OWNER, engine)
         self._study_of_series = _Prepared(_SELECT_SERIES_STUDY, engine)
+        self.journal = journal
+        """Where corrections and merges are journaled (``vna.journal``); None: nowhere,
+        and ``vna reindex`` cannot rebuild them (tests of the index alone)."""
 
     @classmethod
-    def from_url(cls, url: str, *, run_migrations: bool = True) -> SqlIndex:
+    def from_url(cls, url: str, *, run_migrations: bool = True,
+                 journal: BlobJournal | None = None) -> SqlIndex:
         engine = make_engine(url)
         try:
             if run_migrations:
                 migrate(engine)
         except OperationalError as exc:
             raise Unavailable(f"index database: {exc.orig}") from exc
-        return cls(engine)
+        return cls(engine, journal=journal)
 
     # ------------------------------------------------------------ helpers
     def _insert(self, table: Any) -> Any:
@@ -208,22 +214,29 @@ class SqlIndex:
 
     # ------------------------------------------------------------ store path
     def claim(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
-        try:
-            with self._write() as conn:
-                outcome = self._claim(conn, claim)
-                if outcome is ClaimOutcome.NEW:
-                    conn.execute(_INSERT_OUTBOX, {
-                        "routing_key": event.routing_key, "payload": encode_event(event),
-                        "created_at": _now(), "attempts": 0})
-                return outcome
-        except (ConflictError, Unavailable):
-            raise
-        except IntegrityError:
-            # A concurrent writer claimed the same keys first: decide against its row.
-            with self.engine.connect() as conn:
-                return self._claim(conn, claim, check_only=True)
-        except _SAError as exc:
-            raise Unavailable(f"index database: {exc}") from exc
+        for attempt in range(_CLAIM_ATTEMPTS):
+            try:
+                with self._write() as conn:
+                    outcome = self._claim(conn, claim)
+                    if outcome is ClaimOutcome.NEW:
+                        conn.execute(_INSERT_OUTBOX, {
+                            "routing_key": event.routing_key, "payload": encode_event(event),
+                            "created_at": _now(), "attempts": 0})
+                    return outcome
+            except (ConflictError, Unavailable):
+                raise
+            except IntegrityError:
+                # A concurrent writer (PostgreSQL) committed the same keys first: the
+                # instance itself (then decide against its row), or only the study's
+                # first instance (then this one is simply claimed again, now knowing
+                # the study's patient).
+                with self.engine.connect() as conn:
+                    existing = self._claim_of.first(conn, sop=claim.sop_instance_uid)
+                    if existing is not None or attempt == _CLAIM_ATTEMPTS - 1:
+                        return self._claim(conn, claim, check_only=True)
+            except _SAError as exc:
+                raise Unavailable(f"index database: {exc}") from exc
+        raise Unavailable("claim raced with concurrent writers; retry")
 
     def _check(self, conn: Connection, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
         """(NEW or DUPLICATE, whether the study is new); ConflictError on a conflict."""
@@ -504,6 +517,13 @@ class SqlIndex:
 
     def unmerge_patients(self, merge_ref: str, *, actor: str) -> None:
         corrections.Corrections(self).unmerge_patients(merge_ref, actor=actor)
+
+    def journal_keys(self) -> set[str]:
+        with self.engine.connect() as conn:
+            return corrections.journal_keys(conn)
+
+    def replay_journal(self, entry: JournalEntry) -> str:
+        return corrections.Corrections(self, replay=entry).replay_entry()
 
     def study_versions(self, study_instance_uid: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
