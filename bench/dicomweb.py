@@ -145,6 +145,8 @@ class Figures:
     populate_s: float | None = None
     populate_indexed_s: float | None = None
     qido: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    load_start: float | None = None
+    load_end: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -198,7 +200,8 @@ def stow(root: str, files: list[Path], batch: int, clients: int) -> tuple[float,
                 if bad:
                     with lock:
                         failed[0] += bad
-                        errors.append(f"{r.status_code} {r.text[:200]}")
+                        errors.append(f"{r.status_code} {r.headers.get('warning', '')[:300]}"
+                                      f" {r.text[-300:]}")
 
     threads = [threading.Thread(target=client, name=f"stow-{i}") for i in range(clients)]
     started = time.perf_counter()
@@ -401,7 +404,7 @@ def qido_queries(layout: QidoLayout, repeat: int) -> dict[str, list[str]]:
 def measure(label: str, make: Callable[[Path], Server], files: list[Path], study_uid: str,
             args: argparse.Namespace, qido_dirs: list[Path] | None, layout: QidoLayout
             ) -> Figures:
-    fig = Figures(label)
+    fig = Figures(label, load_start=os.getloadavg()[0])
     with tempfile.TemporaryDirectory(prefix="vna-dwbench-", dir=OUT_DIR) as tmp:
         workdir = Path(tmp)
         server = make(workdir)
@@ -418,6 +421,7 @@ def measure(label: str, make: Callable[[Path], Server], files: list[Path], study
             fig.notes.append(f"stopped early: {type(exc).__name__}: {str(exc)[:300]}")
             print(f"  {fig.notes[-1]}", flush=True)
         finally:
+            fig.load_end = os.getloadavg()[0]
             server.stop()
     return fig
 
@@ -507,6 +511,9 @@ def _cell(value: float | None, unit: str, digits: int) -> str:
 
 def rows(vna: Figures, ref: Figures) -> list[Row]:
     out = [
+        # Other work on the machine changes between targets: say how busy it was.
+        Row("machine load (1 min) at start", vna.load_start, ref.load_start, "", "", None, 2),
+        Row("machine load (1 min) at end", vna.load_end, ref.load_end, "", "", None, 2),
         Row("STOW-RS inst/s", vna.stow_per_s, ref.stow_per_s, "/s", ">= 1.5x",
             lambda v, r: r is not None and v >= 1.5 * r),
         Row("  after STOW: s until queryable", vna.stow_indexed_s, ref.stow_indexed_s, "s",
@@ -539,7 +546,8 @@ def print_table(figures: list[Figures], args: argparse.Namespace, layout: QidoLa
         header = ["metric", vna.target, ref.target, "VNA/Orthanc", "target", "met?"]
         cells = []
         for row in table:
-            ratio = (f"{row.vna / row.ref:.2f}x" if row.vna is not None and row.ref else "-")
+            ratio = (f"{row.vna / row.ref:.2f}x" if row.vna is not None and row.ref
+                     and not row.metric.startswith("machine") else "-")
             met = ("-" if row.met is None or row.vna is None
                    else "yes" if row.met(row.vna, row.ref) else "NO")
             cells.append([row.metric, _cell(row.vna, row.unit, row.digits),
@@ -556,6 +564,7 @@ def print_table(figures: list[Figures], args: argparse.Namespace, layout: QidoLa
             for note in f.notes:
                 print(f"  note: {f.target}: {note}")
     total = layout.studies * layout.per_study
+    print("VNA/Orthanc: above 1 is better for /s and MB/s, below 1 for ms and s.")
     print(f"STOW-RS: {args.count} CT 512x512 instances ({megabytes:.0f} MB, one study), "
           f"{args.batch} per request, {args.clients} clients; failed: "
           + ", ".join(f"{f.target} {f.stow_failed}" for f in figures) + ".")
@@ -602,7 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="targets (default: vna and orthanc)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.count, args.qido_instances, args.repeat, args.wado_repeat = 100, 2000, 10, 2
+        args.count, args.qido_instances = min(args.count, 100), min(args.qido_instances, 2000)
+        args.repeat, args.wado_repeat = min(args.repeat, 10), min(args.wado_repeat, 2)
     for tool in ("storescu", "echoscu"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: apt-get install -y dcmtk", file=sys.stderr)
