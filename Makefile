@@ -53,8 +53,10 @@ lint: install
 	$(BIN)/ruff check vna services tests bench
 	$(BIN)/mypy
 
+## Benchmarks: ingest (BENCH_ARGS), then DICOMweb against Orthanc (DICOMWEB_BENCH_ARGS)
 bench: install
 	$(BIN)/python -m bench.ingest $(BENCH_ARGS)
+	$(BIN)/python -m bench.dicomweb $(DICOMWEB_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

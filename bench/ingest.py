@@ -316,8 +316,11 @@ class VnaServer(Server):
         self.log = workdir / "vna.log"
 
     def start(self) -> None:
+        # Worklist and HL7 on free ports too: another archive may hold the defaults.
         env = {"VNA_DATA_DIR": str(self.workdir / "data"), "VNA_DIMSE_PORT": str(self.port),
-               "VNA_HTTP_PORT": str(self.http_port), "VNA_BIND": LOOPBACK, **self.extra_env}
+               "VNA_HTTP_PORT": str(self.http_port), "VNA_BIND": LOOPBACK,
+               "VNA_WORKLIST_PORT": str(free_port()), "VNA_HL7_PORT": str(free_port()),
+               **self.extra_env}
         if self.profile_to is not None:
             argv = [sys.executable, "-m", "bench.vna_profiled", str(self.profile_to)]
         else:
@@ -426,9 +429,10 @@ class OrthancServer(Server):
         self.http_port = free_port()
         self.log = workdir / "orthanc.log"
 
-    def start(self) -> None:
+    def config(self) -> dict[str, object]:
+        """Orthanc's JSON configuration: its own storage under the work directory."""
         storage = self.workdir / "orthanc-db"
-        config = {
+        return {
             "Name": "bench", "DicomAet": self.aet, "DicomPort": self.port,
             "HttpPort": self.http_port, "StorageDirectory": str(storage),
             "IndexDirectory": str(storage), "StorageCompression": False,
@@ -437,8 +441,10 @@ class OrthancServer(Server):
             # Any calling AE may store, as with the other targets (no modality table).
             "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": True,
         }
+
+    def start(self) -> None:
         path = self.workdir / "orthanc.json"
-        path.write_text(json.dumps(config, indent=2))
+        path.write_text(json.dumps(self.config(), indent=2))
         self.proc = spawn(["Orthanc", str(path)], env=NODELAY_ENV, log=self.log)
         wait_until(lambda: echo_ok(self.aet, self.port), timeout=60, interval=0.3,
                    proc=self.proc, what="Orthanc echo")

@@ -308,13 +308,22 @@ async def _metadata(request: Request, deps: Deps, study: str, series: str | None
         return Response(status_code=304, headers=headers)
     # The ETag hashes the instance set and version, so a cached body under it is current.
     cache_key = f"dicomweb:metadata:{study}:{series or ''}:{len(found)}:{etag}"
+    # Warm answers for gzip clients (viewers) are cached compressed too: compressing
+    # a 1,000-instance study's JSON again on every request was a good part of its time.
+    gzipped = "gzip" in request.headers.get("accept-encoding", "")
+    if gzipped and not sop and (zipped := deps.cache.get(cache_key + ":gzip")) is not None:
+        return Response(zipped, media_type=DICOM_JSON, headers={
+            **headers, "Vary": "Accept-Encoding", "Content-Encoding": "gzip"})
     body = None if sop else deps.cache.get(cache_key)
     if body is None:
         docs = await run_in_threadpool(deps.index.metadata, study, series, sop)
         body = ("[" + ",".join(docs) + "]").encode()
         if not sop:
             deps.cache.set(cache_key, body, ttl=_METADATA_TTL)
-    return json_bytes_response(request, body, headers=headers)
+    response = json_bytes_response(request, body, headers=headers)
+    if gzipped and not sop and response.headers.get("content-encoding") == "gzip":
+        deps.cache.set(cache_key + ":gzip", bytes(response.body), ttl=_METADATA_TTL)
+    return response
 
 
 @router.get("/studies/{study}/metadata")

@@ -316,6 +316,11 @@ def test_metadata_with_bulkdata_uris_ranges_and_etag(web: Web) -> None:
     zipped = httpx.get(url, headers={"Accept-Encoding": "gzip"})
     assert zipped.headers.get("content-encoding") == "gzip"
     assert zipped.json() == r1.json()
+    # The second gzip answer comes from the compressed cache, with the same ETag.
+    assert zipped.headers["etag"] == etag
+    plain = httpx.get(url, headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    assert plain.json() == r1.json()
     # A new instance changes the ETag: a cached copy is not served for the new set.
     extra = ct_instance(study_uid=study, series_uid=series, instance_number=3)
     client.store_instances([extra])
