@@ -151,6 +151,36 @@ def test_concurrent_first_instances_of_a_new_study_are_all_claimed(index: SqlInd
     assert index.patient_of_study(study) == ("P1", "")
 
 
+def test_concurrent_claims_with_a_conflict_among_them(index: SqlIndex) -> None:
+    # Claims committed together (SQLite's group commit) still get one answer each:
+    # a conflicting one is refused alone, the others are recorded.
+    first, first_event = _claim()
+    index.claim(first, first_event)
+    conflicting = _claim(sop=first.sop_instance_uid, content="c")
+    others = [_claim() for _ in range(7)]
+    start = threading.Barrier(len(others) + 1)
+    outcomes: dict[str, object] = {}
+
+    def go(claim: InstanceClaim, event: InstanceStored, name: str) -> None:
+        start.wait()
+        try:
+            outcomes[name] = index.claim(claim, event)
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=go, args=(*conflicting, "conflict"))] + [
+        threading.Thread(target=go, args=(*c, f"other{i}")) for i, c in enumerate(others)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = outcomes.pop("conflict")
+    assert isinstance(refused, ConflictError) and refused.kind is ConflictKind.SOP_INSTANCE
+    assert set(outcomes.values()) == {ClaimOutcome.NEW}
+    assert index.outbox_depth() == 1 + len(others)
+    assert all(index.find_claim(c.sop_instance_uid) == c for c, _ in others)
+
+
 def test_a_failed_publish_leaves_events_in_the_outbox(index: SqlIndex) -> None:
     index.claim(*_claim())
 

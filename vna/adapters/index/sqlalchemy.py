@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,9 @@ class SqlIndex:
         self.engine = engine
         self.dialect = engine.dialect.name
         self._sqlite_write = SqliteWriteLock(engine)
+        self._group_guard = threading.Lock()
+        self._group_commit = threading.Lock()
+        self._group_pending: list[_PendingClaim] = []
         self._claim_of = _Prepared(_SELECT_CLAIM, engine)
         self._owner_of = _Prepared(_SELECT_OWNER, engine)
         self._study_of_series = _Prepared(_SELECT_SERIES_STUDY, engine)
@@ -214,6 +218,51 @@ class SqlIndex:
 
     # ------------------------------------------------------------ store path
     def claim(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
+        if self.dialect != "sqlite":
+            return self._claim_alone(claim, event)
+        # SQLite has one writer, and each commit waits for an fsync: claims that
+        # arrive while one commits (several associations, STOW clients) wait for
+        # the next commit together (group commit), each in its own savepoint.
+        item = _PendingClaim(claim, event)
+        with self._group_guard:
+            self._group_pending.append(item)
+        with self._group_commit:
+            if not item.done:
+                with self._group_guard:
+                    group, self._group_pending = self._group_pending, []
+                self._claim_group(group)
+        if item.error is not None:
+            raise item.error
+        if item.outcome is None:  # the leader of its group failed unexpectedly
+            raise Unavailable("claim not recorded; retry")
+        return item.outcome
+
+    def _claim_group(self, group: list[_PendingClaim]) -> None:
+        try:
+            with self._write() as conn:
+                for item in group:
+                    try:
+                        with conn.begin_nested():
+                            item.outcome = self._claim(conn, item.claim)
+                            if item.outcome is ClaimOutcome.NEW:
+                                conn.execute(_INSERT_OUTBOX, {
+                                    "routing_key": item.event.routing_key,
+                                    "payload": encode_event(item.event),
+                                    "created_at": _now(), "attempts": 0})
+                    except (ConflictError, Unavailable) as exc:
+                        item.error = exc
+        except (_SAError, Unavailable) as exc:
+            # Nothing of the group is durable: every claim answers "retry".
+            failure = exc if isinstance(exc, Unavailable) else Unavailable(
+                f"index database: {exc}")
+            for item in group:
+                if not isinstance(item.error, ConflictError):
+                    item.error = failure
+        finally:
+            for item in group:
+                item.done = True
+
+    def _claim_alone(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
         for attempt in range(_CLAIM_ATTEMPTS):
             try:
                 with self._write() as conn:
@@ -661,6 +710,17 @@ def _same_columns(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
     for row in rows:
         groups.setdefault(tuple(row), []).append(row)
     yield from groups.values()
+
+
+@dataclass
+class _PendingClaim:
+    """A claim waiting for the next group commit (SQLite)."""
+
+    claim: InstanceClaim
+    event: InstanceStored
+    outcome: ClaimOutcome | None = None
+    error: Exception | None = None
+    done: bool = False
 
 
 class _Prepared:
