@@ -25,16 +25,15 @@ from sqlalchemy import (
     and_,
     delete,
     exists,
-    or_,
     select,
-    true,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from vna.adapters.index.conditions import text_condition
 from vna.adapters.index.schema import instances, metadata, series, studies
 from vna.dicom.extended import ExtraValue
-from vna.dicom.matching import Level, Match, MatchKind, wildcard_to_like
+from vna.dicom.matching import Level, Match, MatchKind
 from vna.ports import BackfillState, StoredHeader
 
 extra_attributes = Table(
@@ -108,35 +107,8 @@ def condition(m: Match, owner_pk: Any) -> ColumnElement[bool]:
                 parts.append(e.value_num <= hi)
             cond = and_(*parts)
     else:
-        cond = _text_condition(m, e.value_text)
+        cond = text_condition(m, e.value_text)
     return exists().where(and_(base, cond))
-
-
-def _text_condition(m: Match, col: Any) -> ColumnElement[bool]:
-    if m.kind is MatchKind.SINGLE:
-        single: ColumnElement[bool] = col == m.values[0]
-        return single
-    if m.kind is MatchKind.LIST:
-        listed: ColumnElement[bool] = col.in_(list(m.values))
-        return listed
-    if m.kind is MatchKind.RANGE:
-        lo, hi = m.values
-        parts = [col != ""]
-        if lo:
-            parts.append(col >= lo)
-        if hi:
-            parts.append(col <= hi)
-        return and_(*parts)
-    if m.fuzzy:
-        words = [w for w in m.values[0].replace("^", " ").replace(",", " ").split() if w]
-        conds = []
-        for w in words:
-            like = wildcard_to_like(w.rstrip("*")) + "%"
-            conds.append(or_(col.like(like, escape="\\"), col.like("%^" + like, escape="\\"),
-                             col.like("% " + like, escape="\\")))
-        return and_(*conds) if conds else true()
-    wildcard: ColumnElement[bool] = col.like(wildcard_to_like(m.values[0]), escape="\\")
-    return wildcard
 
 
 # ------------------------------------------------------------------ backfill

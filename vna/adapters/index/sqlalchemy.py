@@ -32,7 +32,6 @@ from sqlalchemy import (
     or_,
     select,
     text,
-    true,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -40,6 +39,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
 from vna.adapters.index import corrections, extra
+from vna.adapters.index.conditions import text_condition
 from vna.adapters.index.schema import (
     audit,
     claims,
@@ -865,30 +865,7 @@ class _Search:
         folded = attr.vr in ("PN", "TM")
         col: ColumnElement[str] = (self._column(m.keyword, norm=folded) if column is None
                                    else column)
-        if m.kind is MatchKind.SINGLE:
-            return bool_eq(col, m.values[0])
-        if m.kind is MatchKind.LIST:
-            return col.in_(list(m.values))
-        if m.kind is MatchKind.RANGE:
-            lo, hi = m.values
-            parts = [col != ""]
-            if lo:
-                parts.append(col >= lo)
-            if hi:
-                parts.append(col <= hi)
-            return and_(*parts)
-        pattern = m.values[0]
-        if m.fuzzy:
-            # Each query component matches the start of some name component.
-            words = [w for w in pattern.replace("^", " ").replace(",", " ").split() if w]
-            conds = []
-            for w in words:
-                like = wildcard_to_like(w.rstrip("*")) + "%"
-                conds.append(or_(col.like(like, escape="\\"),
-                                 col.like("%^" + like, escape="\\"),
-                                 col.like("% " + like, escape="\\")))
-            return and_(*conds) if conds else true()
-        return col.like(wildcard_to_like(pattern), escape="\\")
+        return text_condition(m, col)
 
     def _from(self) -> Any:
         if self.level is Level.PATIENT:
@@ -1018,11 +995,6 @@ class _Search:
             doc = json.loads(meta) if meta else {}
             row["_metadata"] = apply_to_json(doc, corrected[uid][1]) if uid in corrected \
                 else doc
-
-
-def bool_eq(col: Any, value: str) -> ColumnElement[bool]:
-    cond: ColumnElement[bool] = col == value
-    return cond
 
 
 def _level_index(level: Level) -> int:
