@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,17 +19,6 @@ CREATOR = "SIEMENS CT VA0 COAD"
 EXTENDED = parse_extended_attributes(
     f"Manufacturer,SliceThickness,ConvolutionKernel,instance:ImageType,"
     f"study:InstitutionName,0019xx10@{CREATOR}/DS")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlIndex]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres_url")
-    idx = SqlIndex.from_url(url)
-    yield idx
-    idx.close()
 
 
 def _series(index: SqlIndex, extended: ExtendedAttributes, *, count: int = 2,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
@@ -17,17 +15,6 @@ from vna.events import InstanceIndexed, InstanceStored, decode_event
 from vna.model import BlobKey, InstanceClaim
 from vna.ports import ClaimOutcome, ConflictError, ConflictKind, IndexRecord
 from vna.testing.synthetic import ct_instance
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlIndex]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres_url")
-    idx = SqlIndex.from_url(url)
-    yield idx
-    idx.close()
 
 
 def _claim(sop: str | None = None, study: str | None = None, patient: str = "P1",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +16,6 @@ from vna.events import InstanceStored
 from vna.model import BlobKey, InstanceClaim
 from vna.ports import ClaimOutcome, ConflictError, ConflictKind
 from vna.testing.synthetic import ct_instance
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlIndex]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
-    else:
-        url = request.getfixturevalue("fresh_postgres_url")
-    idx = SqlIndex.from_url(url)
-    yield idx
-    idx.close()
 
 
 def _study(index: SqlIndex, *, patient_id: str, patient_name: str = "DOE^JANE",
