@@ -112,7 +112,7 @@ def _wait_for_signal() -> StopSignal:
 
 def cmd_run(settings: Settings) -> int:
     """Everything in one process on embedded defaults."""
-    from services.ingest.scp import start_dimse
+    from services.ingest.scp import start_dimse, stop_dimse
     from vna.usecases.relay import OutboxRelay
 
     deps = build(settings)
@@ -160,7 +160,7 @@ def cmd_run(settings: Settings) -> int:
     for proc in extra:
         proc.wait(timeout=15)
     if dimse is not None:
-        dimse.shutdown()
+        stop_dimse(dimse)
     http.should_exit = True
     http_thread.join(timeout=10)
     backfill.stop()
@@ -252,7 +252,7 @@ def _registrars() -> list[Any]:
 
 def cmd_ingest(settings: Settings) -> int:
     """The DIMSE front door alone: stores, relays its outbox to the bus."""
-    from services.ingest.scp import start_dimse
+    from services.ingest.scp import start_dimse, stop_dimse
     from vna.usecases.relay import OutboxRelay
 
     deps = build(settings)
@@ -264,7 +264,7 @@ def cmd_ingest(settings: Settings) -> int:
     dimse = start_dimse(deps, on_stored=relay.wake, registrars=_registrars())
     print(f"VNA ingest ready on {settings.bind}:{settings.dimse_port}", flush=True)
     stop.wait()
-    dimse.shutdown()
+    stop_dimse(dimse)
     relay.stop()
     deps.close()
     return 0

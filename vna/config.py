@@ -43,18 +43,22 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
 
     ingest_workers: int = 0
-    """DIMSE ingest processes sharing the port (SO_REUSEPORT); 1 receives in the main
-    process; 0 (default) means one per core plus one."""
+    """DIMSE receiver processes of ``vna run`` (the archive accepts and hands each
+    association to the least busy); 1 receives in the main process; 0 (default)
+    means one per core plus one."""
+    lean_storage: bool = True
+    """Serve associations that only store (and echo) with VNA's lean Storage SCP;
+    false leaves every association to pynetdicom."""
     max_pdu: int = 0
     """Maximum PDU length we accept; 0 means unlimited."""
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     qido_max_results: int = 1000
+    """QIDO-RS answers at most this many matches; more get a 299 Warning (PS3.18 8.3.4.4)."""
     viewer_dir: Path = Path("./viewer/dist")
     """Where ``make viewer`` installed the OHIF viewer served at ``/viewer``."""
     cors_origins: str = ""
     """Origins allowed to call the HTTP API from a browser: 'https://a,https://b' or '*'."""
-    """QIDO-RS answers at most this many matches; more get a 299 Warning (PS3.18 8.3.4.4)."""
     extra_query_attributes: str = ""
     """More attributes C-FIND and QIDO-RS match on: ``[level:]key[/VR],...`` with key a
     keyword, a tag or ``ggggxxee@PrivateCreator``; level ``series`` by default (see

@@ -26,3 +26,7 @@ EXTENDED_BACKFILL_PENDING = Gauge(
 )
 EXTENDED_BACKFILLED = Counter("vna_extended_backfilled_instances_total",
                               "Instances read by the extended-attribute backfill")
+DIMSE_ASSOCIATIONS = Counter("vna_dimse_associations_total",
+                             "DIMSE associations received, by the SCP that served them: "
+                             "'lean' (storage only) or 'pynetdicom' (everything else)",
+                             ["scp"])

@@ -29,9 +29,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from services.ingest.dispatch import receive_connections, report_ended
+from services.ingest.storage import StorageReceiver, staging_dir, store_received
 from vna.bootstrap import Deps
 from vna.dicom import status
-from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
+from vna.usecases.store import Received
 
 log = logging.getLogger("vna.ingest")
 
@@ -56,24 +57,25 @@ pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
 # pynetdicom logs identifiers at INFO/DEBUG: keep patient data out of our logs.
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
-STORE_STATUS = {
-    StoreFailure.UNREADABLE: status.CANNOT_UNDERSTAND,
-    StoreFailure.INVALID: status.INVALID_UID,
-    StoreFailure.MISMATCH: status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    StoreFailure.SOP_CONFLICT: status.DUPLICATE_SOP_INSTANCE_CONFLICT,
-    StoreFailure.PATIENT_CONFLICT: status.PATIENT_CONFLICT,
-    StoreFailure.SERIES_CONFLICT: status.SERIES_CONFLICT,
-    StoreFailure.UNAVAILABLE: status.OUT_OF_RESOURCES,
-}
-
-
 class IngestServer(ThreadedAssociationServer):
-    """Sets TCP_NODELAY on every association socket."""
+    """Sets TCP_NODELAY on every association socket, and gives the associations that
+    only store to the lean Storage SCP (``storage``) when there is one."""
+
+    storage: StorageReceiver | None = None
+    on_lean_end: Callable[[], None] | None = None
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, addr = super().get_request()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms Nagle stalls
         return sock, addr
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.storage is None:
+            super().process_request(request, client_address)
+            return
+        threading.Thread(target=self.storage.route, daemon=True, name="dimse-association",
+                         args=(request, client_address, self.process_request_thread,
+                               self.on_lean_end)).start()
 
 
 def _association_ended(event: evt.Event, *, channel: socket.socket) -> None:
@@ -81,8 +83,25 @@ def _association_ended(event: evt.Event, *, channel: socket.socket) -> None:
         report_ended(channel)
 
 
+def _lean_storage(server: AssociationServer, deps: Deps, on_stored: Callable[[], None] | None,
+                  on_end: Callable[[], None] | None = None) -> None:
+    """Give ``server``'s storage-only associations to the lean Storage SCP."""
+    if not deps.settings.lean_storage or not isinstance(server, IngestServer):
+        return
+    settings = deps.settings
+    # Its own AE: Verification and the Storage SOP Classes only, as build_ae has them
+    # before the registrars add Q/R and worklist (which stay with pynetdicom).
+    server.storage = StorageReceiver(
+        build_ae(deps), partial(store_received, deps=deps, on_stored=on_stored),
+        staging_dir=staging_dir(deps), network_timeout=settings.network_timeout,
+        max_pdu=settings.max_pdu)
+    server.on_lean_end = on_end
+
+
 def stop_dimse(server: AssociationServer) -> None:
     """Stop serving (a receiver of handed-over connections: abort what is open)."""
+    if isinstance(server, IngestServer) and server.storage is not None:
+        server.storage.close()
     if server.socket is not None and server.socket.fileno() >= 0:
         server.shutdown()
         return
@@ -97,33 +116,20 @@ def handle_echo(event: evt.Event) -> int:
 
 def handle_store(event: evt.Event, *, deps: Deps, on_stored: Callable[[], None] | None = None
                  ) -> Dataset | int:
-    """C-STORE: hand the received bytes, as received, to ``store_instance``."""
+    """C-STORE through pynetdicom (associations that also query, retrieve or commit)."""
     req = cast(C_STORE, event.request)
-    received = Received(
+    code, comment = store_received(Received(
         path=Path(event.dataset_path),
         sop_class_uid=str(req.AffectedSOPClassUID or "") or None,
         sop_instance_uid=str(req.AffectedSOPInstanceUID or "") or None,
         source_ae=str(event.assoc.requestor.ae_title),
-    )
-    try:
-        store_instance(received, blobs=deps.blobs, index=deps.index,
-                       staging_dir=staging_dir(deps))
-    except StoreError as exc:
-        rsp = Dataset()
-        rsp.Status = STORE_STATUS[exc.failure]
-        rsp.ErrorComment = status.error_comment(exc.reason)
-        return rsp
-    if on_stored is not None:
-        on_stored()
-    return status.SUCCESS
-
-
-def staging_dir(deps: Deps) -> Path:
-    """Where incoming data sets are framed: beside the blobs when they are files."""
-    root = getattr(deps.blobs, "staging_dir", None)
-    path: Path = root() if callable(root) else deps.settings.data_dir / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    ), deps=deps, on_stored=on_stored)
+    if comment is None:
+        return code
+    rsp = Dataset()
+    rsp.Status = code
+    rsp.ErrorComment = comment
+    return rsp
 
 
 def build_ae(deps: Deps) -> AE:
@@ -159,6 +165,7 @@ def start_dimse(deps: Deps, *, on_stored: Callable[[], None] | None = None,
         handlers.append((evt.EVT_CONN_CLOSE, partial(_association_ended, channel=channel)))
         server = ae.make_server((deps.settings.bind, 0), evt_handlers=cast(Any, handlers),
                                 server_class=IngestServer)
+        _lean_storage(server, deps, on_stored, on_end=partial(report_ended, channel))
         if server.socket is not None:
             server.socket.close()  # it never listens itself
         receive_connections(channel, server.process_request)
@@ -169,6 +176,7 @@ def start_dimse(deps: Deps, *, on_stored: Callable[[], None] | None = None,
         evt_handlers=cast(Any, handlers),
         server_class=IngestServer,
     )
+    _lean_storage(server, deps, on_stored)
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True)
     thread.start()
     ae._servers.append(server)

@@ -67,6 +67,19 @@ class Received:
     study_instance_uid: str | None = None
     """STOW-RS to /studies/{study}: the data set must belong to it."""
     source_ae: str = ""
+    framed: Framed | None = None
+    """Set when ``path`` is already framed by a ``Staging`` (VNA's File Meta, then the
+    data set as received); the store path then takes the file over as it is."""
+
+
+@dataclass(frozen=True)
+class Framed:
+    """What a ``Staging`` learnt while writing: the blob key, the data set's own hash."""
+
+    blob_key: BlobKey
+    dataset_sha256: str
+    size: int
+    transfer_syntax_uid: str
 
 
 _CONFLICT_FAILURE = {
@@ -97,8 +110,9 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
     framed: Path | None = None
     claim: InstanceClaim | None = None
     try:
-        framed, blob_key, dataset_sha, size, ts = _frame(received, staging_dir)
-        claim, record = _validate(framed, received, blob_key, dataset_sha, size, ts)
+        framed, framing = _frame(received, staging_dir)
+        blob_key, size = framing.blob_key, framing.size
+        claim, record = _validate(framed, received, framing)
         # index.claim() decides atomically; checking first spares the blob store a
         # write for an instance that is a duplicate or will be refused.
         if index.check_claim(claim) is ClaimOutcome.DUPLICATE:
@@ -179,8 +193,66 @@ def _unlink(path: Path) -> None:
         os.unlink(path)
 
 
-def _frame(received: Received, staging_dir: Path | None) -> tuple[Path, BlobKey, str, int, str]:
+class Staging:
+    """A staging file being framed: VNA's File Meta, then the data set as it
+    arrives, hashed as it is written (the blob key and the data set's own hash).
+
+    Both ways in write through it: ``_frame`` copying a received file, and the
+    DIMSE storage receiver writing P-DATA fragments straight off the socket."""
+
+    def __init__(self, staging_dir: Path | None, transfer_syntax_uid: str, sop_class_uid: str,
+                 sop_instance_uid: str) -> None:
+        for name, value in (("Transfer Syntax UID", transfer_syntax_uid),
+                            ("SOP Class UID", sop_class_uid),
+                            ("SOP Instance UID", sop_instance_uid)):
+            reason = invalid_uid_reason(name, value)
+            if reason:
+                raise StoreError(StoreFailure.INVALID, reason)
+        meta = file_meta_bytes(transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+        self.transfer_syntax_uid = transfer_syntax_uid
+        self._meta_size = len(meta)
+        self._whole = hashlib.sha256(meta)
+        self._dataset = hashlib.sha256()
+        self.size = len(meta)
+        fd, name = tempfile.mkstemp(prefix="in-", suffix=".dcm", dir=staging_dir)
+        self.path = Path(name)
+        self._out = os.fdopen(fd, "wb")
+        try:
+            self._out.write(meta)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        self._whole.update(chunk)
+        self._dataset.update(chunk)
+        self._out.write(chunk)
+        self.size += len(chunk)
+
+    def finish(self) -> Framed:
+        """Close the file; the caller hands it to ``store_instance``, which consumes it."""
+        try:
+            self._out.close()
+        except BaseException:
+            self.discard()
+            raise
+        if self.size == self._meta_size:
+            self.discard()
+            raise StoreError(StoreFailure.UNREADABLE, "empty data set")
+        return Framed(blob_key=BlobKey(self._whole.hexdigest()),
+                      dataset_sha256=self._dataset.hexdigest(), size=self.size,
+                      transfer_syntax_uid=self.transfer_syntax_uid)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self._out.close()
+        _unlink(self.path)
+
+
+def _frame(received: Received, staging_dir: Path | None) -> tuple[Path, Framed]:
     """Copy the data set behind VNA's File Meta into a staging file, hashing as it goes."""
+    if received.framed is not None:
+        return received.path, received.framed  # framed as it arrived (DIMSE receiver)
     try:
         src = open(received.path, "rb")
     except OSError as exc:
@@ -202,36 +274,20 @@ def _frame(received: Received, staging_dir: Path | None) -> tuple[Path, BlobKey,
             sop_class = received.sop_class_uid or ""
             sop_uid = received.sop_instance_uid or ""
             src.seek(received.dataset_offset)
-        for name, value in (("Transfer Syntax UID", ts), ("SOP Class UID", sop_class),
-                            ("SOP Instance UID", sop_uid)):
-            reason = invalid_uid_reason(name, value)
-            if reason:
-                raise StoreError(StoreFailure.INVALID, reason)
-        meta = file_meta_bytes(ts, sop_class, sop_uid)
-        whole = hashlib.sha256(meta)
-        dataset = hashlib.sha256()
-        size = len(meta)
-        fd, name = tempfile.mkstemp(prefix="in-", suffix=".dcm", dir=staging_dir)
+        staging = Staging(staging_dir, ts, sop_class, sop_uid)
         try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(meta)
-                while chunk := src.read(CHUNK):
-                    whole.update(chunk)
-                    dataset.update(chunk)
-                    out.write(chunk)
-                    size += len(chunk)
+            while chunk := src.read(CHUNK):
+                staging.write(chunk)
         except BaseException:
-            _unlink(Path(name))
+            staging.discard()
             raise
-    if size == len(meta):
-        _unlink(Path(name))
-        raise StoreError(StoreFailure.UNREADABLE, "empty data set")
-    return Path(name), BlobKey(whole.hexdigest()), dataset.hexdigest(), size, ts
+    return staging.path, staging.finish()
 
 
-def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: str,
-              size: int, ts: str) -> tuple[InstanceClaim, IndexRecord | None]:
+def _validate(framed: Path, received: Received, framing: Framed
+              ) -> tuple[InstanceClaim, IndexRecord | None]:
     record: IndexRecord | None = None
+    blob_key, size, ts = framing.blob_key, framing.size, framing.transfer_syntax_uid
     try:
         with open(framed, "rb") as fp:
             # Defer large values: read every element header, never pixel data.
@@ -279,7 +335,7 @@ def _validate(framed: Path, received: Received, blob_key: BlobKey, dataset_sha: 
         study_instance_uid=values["StudyInstanceUID"],
         series_instance_uid=values["SeriesInstanceUID"], patient_id=values["PatientID"],
         issuer_of_patient_id=values["IssuerOfPatientID"], transfer_syntax_uid=ts,
-        blob_key=blob_key, dataset_sha256=dataset_sha, size=size,
+        blob_key=blob_key, dataset_sha256=framing.dataset_sha256, size=size,
     ), record
 
 
