@@ -166,10 +166,16 @@ def migrate(engine: Engine) -> None:
 # running it, and this runs for every instance received.
 _SELECT_CLAIM = select(claims.c.dataset_sha256).where(
     claims.c.sop_instance_uid == bindparam("sop"))
-_SELECT_OWNER = select(study_patients.c.patient_id, study_patients.c.issuer_of_patient_id
-                       ).where(study_patients.c.study_instance_uid == bindparam("study"))
 _SELECT_SERIES_STUDY = select(claims.c.study_instance_uid).where(
     claims.c.series_instance_uid == bindparam("series")).limit(1)
+# What deciding a claim needs, in one round trip (a NULL: nothing there yet).
+_SELECT_CLAIM_CONTEXT = select(
+    _SELECT_CLAIM.scalar_subquery().label("dataset_sha256"),
+    _SELECT_SERIES_STUDY.scalar_subquery().label("series_study"),
+    *(select(column).where(study_patients.c.study_instance_uid == bindparam("study"))
+      .scalar_subquery().label(f"owner_{column.name}")
+      for column in (study_patients.c.patient_id, study_patients.c.issuer_of_patient_id)),
+)
 _INSERT_STUDY_PATIENT = study_patients.insert()
 _CLAIM_ATTEMPTS = 3
 _INSERT_CLAIM = claims.insert()
@@ -191,8 +197,7 @@ class SqlIndex:
         self._group_commit = threading.Lock()
         self._group_pending: list[_PendingClaim] = []
         self._claim_of = _Prepared(_SELECT_CLAIM, engine)
-        self._owner_of = _Prepared(_SELECT_OWNER, engine)
-        self._study_of_series = _Prepared(_SELECT_SERIES_STUDY, engine)
+        self._claim_context = _Prepared(_SELECT_CLAIM_CONTEXT, engine)
         self.journal = journal
         """Where corrections and merges are journaled (``vna.journal``); None: nowhere,
         and ``vna reindex`` cannot rebuild them (tests of the index alone)."""
@@ -289,22 +294,23 @@ class SqlIndex:
 
     def _check(self, conn: Connection, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
         """(NEW or DUPLICATE, whether the study is new); ConflictError on a conflict."""
-        existing = self._claim_of.first(conn, sop=claim.sop_instance_uid)
-        if existing is not None:
-            if existing.dataset_sha256 == claim.dataset_sha256:
+        known = self._claim_context.first(conn, sop=claim.sop_instance_uid,
+                                          series=claim.series_instance_uid,
+                                          study=claim.study_instance_uid)
+        if known.dataset_sha256 is not None:
+            if known.dataset_sha256 == claim.dataset_sha256:
                 return ClaimOutcome.DUPLICATE, False
             raise ConflictError(
                 ConflictKind.SOP_INSTANCE,
                 "SOP Instance UID already stored with different content",
             )
-        series_of = self._study_of_series.first(conn, series=claim.series_instance_uid)
-        if series_of is not None and series_of.study_instance_uid != claim.study_instance_uid:
+        if known.series_study is not None and known.series_study != claim.study_instance_uid:
             # Filed under the series' study it would join another study (and maybe
             # another patient): UIDs are unique, so one of the two is wrong.
             raise ConflictError(
                 ConflictKind.SERIES, "Series Instance UID belongs to another study")
-        owner = self._owner_of.first(conn, study=claim.study_instance_uid)
-        if owner is not None and (owner.patient_id, owner.issuer_of_patient_id) != (
+        new_study = known.owner_patient_id is None
+        if not new_study and (known.owner_patient_id, known.owner_issuer_of_patient_id) != (
             claim.patient_id,
             claim.issuer_of_patient_id,
         ) and corrections.current_identity(conn, claim.study_instance_uid) != (
@@ -315,7 +321,7 @@ class SqlIndex:
             raise ConflictError(
                 ConflictKind.PATIENT, "Study Instance UID belongs to another Patient ID"
             )
-        return ClaimOutcome.NEW, owner is None
+        return ClaimOutcome.NEW, new_study
 
     def check_claim(self, claim: InstanceClaim) -> ClaimOutcome:
         try:
