@@ -119,9 +119,13 @@ def store_received(received: Received, *, deps: Deps,
 
 def staging_dir(deps: Deps) -> Path:
     """Where incoming data sets are framed: beside the blobs when they are files."""
+    known = deps.extras.get("staging_dir")
+    if isinstance(known, Path):
+        return known
     root = getattr(deps.blobs, "staging_dir", None)
     path: Path = root() if callable(root) else deps.settings.data_dir / "tmp"
     path.mkdir(parents=True, exist_ok=True)
+    deps.extras["staging_dir"] = path  # made once, not once per instance
     return path
 
 
@@ -397,10 +401,20 @@ class _PendingStore:
                                    self.sop_class_uid, self.sop_instance_uid)
         except StoreError as exc:
             self.refused = exc  # the data set is still read off the wire, then refused
+        except OSError:
+            self._unavailable()
 
     def write(self, fragment: memoryview) -> None:
         if self.staging is not None:
-            self.staging.write(fragment)
+            try:
+                self.staging.write(fragment)
+            except OSError:  # disk full, staging gone: refuse this one, keep serving
+                self.discard()
+                self._unavailable()
+
+    def _unavailable(self) -> None:
+        log.exception("staging file could not be written")
+        self.refused = StoreError(StoreFailure.UNAVAILABLE, "archive storage unavailable, retry")
 
     def store(self) -> tuple[int, str | None]:
         if self.refused is not None:
@@ -412,8 +426,9 @@ class _PendingStore:
         except StoreError as exc:
             return refusal(exc)
         except OSError:
-            log.exception("staging file could not be written")
-            return status.OUT_OF_RESOURCES, "archive storage unavailable, retry"
+            self._unavailable()
+            assert self.refused is not None
+            return refusal(self.refused)
         return self.association.receiver._store(Received(
             path=staging.path, framed=framed, sop_class_uid=self.sop_class_uid,
             sop_instance_uid=self.sop_instance_uid, source_ae=self.association.calling_ae))

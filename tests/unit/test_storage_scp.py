@@ -358,3 +358,16 @@ def test_unknown_transfer_syntax_is_refused_per_context(scp: Scp) -> None:
         offset += 4 + length
     assert results == {1: 4, 3: 0}
     conn.close()
+
+
+def test_staging_failure_is_out_of_resources_and_the_association_goes_on(
+        scp: Scp, core: Core) -> None:
+    assoc = _scu((CTImageStorage, ExplicitVRLittleEndian)).associate("127.0.0.1", scp.port)
+    core.staging.rmdir()  # where data sets are written is gone (a full or lost disk)
+    rsp = assoc.send_c_store(ct_instance())
+    assert rsp.Status == status.OUT_OF_RESOURCES
+    assert "retry" in rsp.ErrorComment
+    core.staging.mkdir()
+    assert assoc.send_c_store(ct_instance()).Status == status.SUCCESS
+    assoc.release()
+    assert len(list(core.blobs.keys())) == 1

@@ -14,11 +14,16 @@ class OutboxRelay:
     """A thread that drains the outbox to the bus; backs off while the bus is away."""
 
     def __init__(self, *, index: Index, bus: Bus, batch: int = 200,
-                 idle_poll: float = 0.5, max_backoff: float = 5.0) -> None:
+                 idle_poll: float = 0.5, linger: float = 0.05, max_backoff: float = 5.0) -> None:
         self.index = index
         self.bus = bus
         self.batch = batch
         self.idle_poll = idle_poll
+        # After a batch smaller than ``batch``, wait this long for more to gather
+        # before the next: under a steady stream of instances (several receivers
+        # committing claims) it otherwise relays one or two events at a time, and
+        # each batch costs the same transactions and bus round trips as a full one.
+        self.linger = linger
         self.max_backoff = max_backoff
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -39,6 +44,8 @@ class OutboxRelay:
                 moved = self.drain_once()
                 backoff = 0.1
                 if moved:
+                    if moved < self.batch and self.linger:
+                        self._stop.wait(self.linger)
                     continue
                 self._wake.wait(self.idle_poll)
                 self._wake.clear()
