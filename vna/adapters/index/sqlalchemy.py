@@ -26,9 +26,11 @@ from sqlalchemy import (
     and_,
     bindparam,
     create_engine,
+    distinct,
     event,
     exists,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -827,13 +829,59 @@ def _columns(values: dict[str, Any], level: Level) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ query translation
+def _count_of(parent: Level, child: Level) -> Any:
+    """Correlated count of ``child`` rows under the ``parent`` row of the outer query."""
+    chain = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
+    start, end = chain.index(parent), chain.index(child)
+    joined: Any = _TABLE_OF_LEVEL[child]
+    for level in reversed(chain[start + 1 : end]):
+        joined = joined.join(_TABLE_OF_LEVEL[level])
+    first_below = _TABLE_OF_LEVEL[chain[start + 1]]
+    fk = {studies: studies.c.patient_pk, series: series.c.study_pk,
+          instances: instances.c.series_pk}[first_below]
+    parent_pk = _TABLE_OF_LEVEL[parent].c.pk
+    return (select(func.count()).select_from(joined).where(fk == parent_pk)
+            .correlate(_TABLE_OF_LEVEL[parent]).scalar_subquery())
+
+
+# Computed attributes (PS3.4 C.3.4) as correlated subqueries of the search's own
+# statement: one statement per search, evaluated only for the rows returned.
 _CHILD_COUNTS = {
-    "NumberOfPatientRelatedStudies": (Level.PATIENT, Level.STUDY),
-    "NumberOfPatientRelatedSeries": (Level.PATIENT, Level.SERIES),
-    "NumberOfPatientRelatedInstances": (Level.PATIENT, Level.IMAGE),
-    "NumberOfStudyRelatedSeries": (Level.STUDY, Level.SERIES),
-    "NumberOfStudyRelatedInstances": (Level.STUDY, Level.IMAGE),
-    "NumberOfSeriesRelatedInstances": (Level.SERIES, Level.IMAGE),
+    "NumberOfPatientRelatedStudies": (Level.PATIENT, _count_of(Level.PATIENT, Level.STUDY)),
+    "NumberOfPatientRelatedSeries": (Level.PATIENT, _count_of(Level.PATIENT, Level.SERIES)),
+    "NumberOfPatientRelatedInstances": (Level.PATIENT,
+                                        _count_of(Level.PATIENT, Level.IMAGE)),
+    "NumberOfStudyRelatedSeries": (Level.STUDY, _count_of(Level.STUDY, Level.SERIES)),
+    "NumberOfStudyRelatedInstances": (Level.STUDY, _count_of(Level.STUDY, Level.IMAGE)),
+    "NumberOfSeriesRelatedInstances": (Level.SERIES, _count_of(Level.SERIES, Level.IMAGE)),
+}
+_IN_STUDY_SEPARATOR = ","  # neither CS (modalities) nor UI values contain it
+
+
+def _distinct_in_study(dialect: str, column: Any, joined: Any, *where: Any) -> Any:
+    """The distinct values of ``column`` in the outer query's study, joined by a comma."""
+    agg = (func.string_agg(distinct(column), literal_column(f"'{_IN_STUDY_SEPARATOR}'"))
+           if dialect == "postgresql" else func.group_concat(distinct(column)))
+    return (select(agg).select_from(joined).where(series.c.study_pk == studies.c.pk, *where)
+            .correlate(studies).scalar_subquery())
+
+
+def _in_study_columns(dialect: str) -> dict[str, Any]:
+    return {
+        "ModalitiesInStudy": _distinct_in_study(dialect, series.c.modality, series,
+                                                series.c.modality != ""),
+        "SOPClassesInStudy": _distinct_in_study(dialect, instances.c.sop_class_uid,
+                                                instances.join(series)),
+    }
+
+
+_IN_STUDY_SEPARATOR_KEYS = ("ModalitiesInStudy", "SOPClassesInStudy")
+_IN_STUDY = {name: _in_study_columns(name) for name in ("sqlite", "postgresql")}
+_FROM_OF_LEVEL = {
+    Level.PATIENT: patients,
+    Level.STUDY: studies.join(patients),
+    Level.SERIES: series.join(studies).join(patients),
+    Level.IMAGE: instances.join(series).join(studies).join(patients),
 }
 
 
@@ -867,15 +915,6 @@ class _Search:
                                    else column)
         return text_condition(m, col)
 
-    def _from(self) -> Any:
-        if self.level is Level.PATIENT:
-            return patients
-        if self.level is Level.STUDY:
-            return studies.join(patients)
-        if self.level is Level.SERIES:
-            return series.join(studies).join(patients)
-        return instances.join(series).join(studies).join(patients)
-
     def run(self) -> list[dict[str, Any]]:
         q = self.query
         wanted: list[str] = []
@@ -890,7 +929,9 @@ class _Search:
                 wanted.append(keyword)
         cols = [self.base.c.pk.label("_pk")]
         cols += [self._column(k).label(k) for k in wanted]
-        stmt: Select[Any] = select(*cols).select_from(self._from())
+        computed = [k for k in dict.fromkeys(q.return_keys) if ATTRIBUTES[k].computed]
+        cols += self._computed_columns(computed)
+        stmt: Select[Any] = select(*cols).select_from(_FROM_OF_LEVEL[self.level])
         identity: list[Match] = []
         for m in q.matches:
             if ATTRIBUTES.get(m.keyword) and _level_index(ATTRIBUTES[m.keyword].level) > \
@@ -917,56 +958,25 @@ class _Search:
             stmt = stmt.offset(q.offset)
         with self.index.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(stmt)]
-            if rows:
-                self._computed(conn, rows)
-                if q.extra_return_keys or q.extended_return:
-                    self._representative_metadata(conn, rows)
+            if rows and (q.extra_return_keys or q.extended_return):
+                self._representative_metadata(conn, rows)
+        for keyword in set(computed) & set(_IN_STUDY_SEPARATOR_KEYS):
+            for row in rows:
+                joined = row.get(keyword)
+                row[keyword] = sorted(joined.split(_IN_STUDY_SEPARATOR)) if joined else []
         return rows
 
-    def _computed(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        pks = [r["_pk"] for r in rows]
-        wanted = set(self.query.return_keys)
-        by_pk = {r["_pk"]: r for r in rows}
-        for keyword, (parent, child) in _CHILD_COUNTS.items():
-            if keyword not in wanted or parent is not self.level:
-                continue
-            counts = self._count_children(conn, parent, child, pks)
-            for pk, row in by_pk.items():
-                row[keyword] = counts.get(pk, 0)
-        if self.level is Level.STUDY and wanted & {"ModalitiesInStudy", "SOPClassesInStudy"}:
-            mods: dict[int, set[str]] = {}
-            for pk, modality in conn.execute(
-                select(series.c.study_pk, series.c.modality).distinct()
-                .where(series.c.study_pk.in_(pks))
-            ):
-                if modality:
-                    mods.setdefault(pk, set()).add(modality)
-            classes: dict[int, set[str]] = {}
-            if "SOPClassesInStudy" in wanted:
-                for pk, cls in conn.execute(
-                    select(series.c.study_pk, instances.c.sop_class_uid).distinct()
-                    .select_from(instances.join(series)).where(series.c.study_pk.in_(pks))
-                ):
-                    classes.setdefault(pk, set()).add(cls)
-            for pk, row in by_pk.items():
-                row["ModalitiesInStudy"] = sorted(mods.get(pk, ()))
-                if "SOPClassesInStudy" in wanted:
-                    row["SOPClassesInStudy"] = sorted(classes.get(pk, ()))
-
-    def _count_children(self, conn: Connection, parent: Level, child: Level,
-                        pks: list[int]) -> dict[int, int]:
-        chain = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
-        start, end = chain.index(parent), chain.index(child)
-        joined: Any = _TABLE_OF_LEVEL[child]
-        for level in reversed(chain[start + 1 : end]):
-            joined = joined.join(_TABLE_OF_LEVEL[level])
-        first_below = _TABLE_OF_LEVEL[chain[start + 1]]
-        fk = {studies: studies.c.patient_pk, series: series.c.study_pk,
-              instances: instances.c.series_pk}[first_below]
-        stmt = (
-            select(fk, func.count()).select_from(joined).where(fk.in_(pks)).group_by(fk)
-        )
-        return {int(pk): int(n) for pk, n in conn.execute(stmt)}
+    def _computed_columns(self, computed: list[str]) -> list[Any]:
+        """The computed return keys of this level, as columns of the search's statement."""
+        cols = []
+        for keyword in computed:
+            if keyword in _CHILD_COUNTS:
+                parent, count = _CHILD_COUNTS[keyword]
+                if parent is self.level:
+                    cols.append(count.label(keyword))
+            elif self.level is Level.STUDY and keyword in _IN_STUDY_SEPARATOR_KEYS:
+                cols.append(_IN_STUDY[self.index.dialect][keyword].label(keyword))
+        return cols
 
     def _representative_metadata(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Attach one instance's DICOM JSON per row, for return keys not kept as columns."""
