@@ -943,11 +943,11 @@ class _Search:
             stmt = stmt.where(self._condition(m))
         if identity:
             # A merged patient's former identity finds the survivor's studies.
-            stmt = stmt.where(or_(
-                and_(*[self._condition(m) for m in identity]),
-                corrections.merged_into_condition(
-                    [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword])
-                     for m in identity])))
+            stmt = stmt.where(patients.c.pk.in_(corrections.identity_patients(
+                lambda table: [self._condition(m, table.c[column_name(m.keyword)])
+                               for m in identity],
+                [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword])
+                 for m in identity])))
         if self.level is Level.PATIENT:
             # Left without studies by a correction or merge: not a patient of the archive.
             stmt = stmt.where(exists().where(studies.c.patient_pk == patients.c.pk))
