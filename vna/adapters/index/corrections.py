@@ -226,6 +226,12 @@ def current_identity(conn: Connection, study_uid: str) -> tuple[str, str] | None
     return (row.patient_id, row.issuer_of_patient_id) if row else None
 
 
+def touch_studies(conn: Connection, where: ColumnElement[bool]) -> None:
+    """Give the studies ``where`` selects a new revision: what their metadata shows
+    changed (in the transaction of the change, so readers see both or neither)."""
+    conn.execute(studies.update().where(where).values(revision=uuid.uuid4().hex))
+
+
 def after_upsert(index: SqlIndex, conn: Connection, patient_id: str, study_uid: str) -> None:
     """The indexer's hook: a study arriving under a merged-away Patient ID follows the
     merge (one indexed look-up when there is none)."""
@@ -374,6 +380,7 @@ class Corrections:
             previous=json.dumps(dict(previous), sort_keys=True),
             attributes=json.dumps(dict(attributes), sort_keys=True),
             reason=reason, actor=actor[:64], created_at=self.at))
+        touch_studies(conn, studies.c.study_instance_uid == study_uid)
 
     def _apply_columns(self, conn: Connection, study: Any, changes: Mapping[str, str]
                        ) -> None:

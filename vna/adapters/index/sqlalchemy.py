@@ -173,6 +173,23 @@ _SELECT_OWNER = select(study_patients.c.patient_id, study_patients.c.issuer_of_p
 _SELECT_SERIES_STUDY = select(claims.c.study_instance_uid).where(
     claims.c.series_instance_uid == bindparam("series")).limit(1)
 _INSERT_STUDY_PATIENT = study_patients.insert()
+# WADO-RS metadata's revision look-up, by (series given, instance given).
+_SELECT_REVISION = {
+    (False, False): select(studies.c.revision).where(
+        studies.c.study_instance_uid == bindparam("study")),
+    (True, False): select(studies.c.revision).select_from(studies.join(series)).where(
+        studies.c.study_instance_uid == bindparam("study"),
+        series.c.series_instance_uid == bindparam("series")),
+    (False, True): select(studies.c.revision).select_from(
+        studies.join(series).join(instances)).where(
+        studies.c.study_instance_uid == bindparam("study"),
+        instances.c.sop_instance_uid == bindparam("sop")),
+    (True, True): select(studies.c.revision).select_from(
+        studies.join(series).join(instances)).where(
+        studies.c.study_instance_uid == bindparam("study"),
+        series.c.series_instance_uid == bindparam("series"),
+        instances.c.sop_instance_uid == bindparam("sop")),
+}
 _CLAIM_ATTEMPTS = 3
 _INSERT_CLAIM = claims.insert()
 _INSERT_OUTBOX = outbox.insert()
@@ -195,6 +212,8 @@ class SqlIndex:
         self._claim_of = _Prepared(_SELECT_CLAIM, engine)
         self._owner_of = _Prepared(_SELECT_OWNER, engine)
         self._study_of_series = _Prepared(_SELECT_SERIES_STUDY, engine)
+        self._revision_of = {key: _Prepared(stmt, engine)
+                             for key, stmt in _SELECT_REVISION.items()}
         self.journal = journal
         """Where corrections and merges are journaled (``vna.journal``); None: nowhere,
         and ``vna reindex`` cannot rebuild them (tests of the index alone)."""
@@ -580,6 +599,19 @@ class SqlIndex:
         with self.engine.connect() as conn:
             return corrections.versions(conn, study_instance_uid)
 
+    def metadata_revision(self, study_instance_uid: str,
+                          series_instance_uid: str | None = None,
+                          sop_instance_uid: str | None = None) -> str | None:
+        """The study's revision (None: no such study, series or instance): one
+        indexed look-up, whatever the size of the study."""
+        prepared = self._revision_of[(series_instance_uid is not None,
+                                      sop_instance_uid is not None)]
+        with self.engine.connect() as conn:
+            row = prepared.first(conn, **{name: value for name, value in (
+                ("study", study_instance_uid), ("series", series_instance_uid),
+                ("sop", sop_instance_uid)) if value is not None})
+        return None if row is None else str(row[0])
+
     def metadata_version(self, study_instance_uid: str) -> int:
         with self.engine.connect() as conn:
             return corrections.overlay_of(conn, study_instance_uid)[0]
@@ -657,6 +689,9 @@ class _Upsert:
                 Level.SERIES: self._series_pk(record), Level.IMAGE: pk})])
         for patient_id, study_uid in dict.fromkeys(owners[uid] for uid in added):
             corrections.after_upsert(self.index, self.conn, patient_id, study_uid)
+        if touched := sorted({self._study_pk(record) for record, _ in items
+                              if record.instance["SOPInstanceUID"] in added}):
+            corrections.touch_studies(self.conn, studies.c.pk.in_(touched))
         outgoing = [{"routing_key": e.routing_key, "payload": encode_event(e),
                      "created_at": now, "attempts": 0}
                     for uid, e in events.items() if e is not None and uid in added]
