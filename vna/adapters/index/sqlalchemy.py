@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
 from vna.adapters.index import corrections, extra
-from vna.adapters.index.conditions import text_condition
+from vna.adapters.index.conditions import text_condition, text_form, text_params
 from vna.adapters.index.schema import (
     audit,
     claims,
@@ -56,7 +56,7 @@ from vna.adapters.index.schema import (
 from vna.audit import chain_hash
 from vna.dicom.corrections import apply_to_json
 from vna.dicom.extended import ExtraValue
-from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
+from vna.dicom.matching import ATTRIBUTES, Level, Match, Query
 from vna.events import Event, InstanceStored, encode_event
 from vna.journal import BlobJournal, JournalEntry
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
@@ -212,6 +212,8 @@ class SqlIndex:
         self._claim_of = _Prepared(_SELECT_CLAIM, engine)
         self._owner_of = _Prepared(_SELECT_OWNER, engine)
         self._study_of_series = _Prepared(_SELECT_SERIES_STUDY, engine)
+        self._search_statements: dict[Any, Select[Any]] = {}
+        """Search statements by form of query (``_Search.run``)."""
         self._revision_of = {key: _Prepared(stmt, engine)
                              for key, stmt in _SELECT_REVISION.items()}
         self.journal = journal
@@ -920,6 +922,9 @@ _FROM_OF_LEVEL = {
 }
 
 
+_SEARCH_STATEMENTS = 512  # forms of query kept; more: start again
+
+
 class _Search:
     def __init__(self, index: SqlIndex, query: Query) -> None:
         self.index = index
@@ -934,23 +939,53 @@ class _Search:
         table = _TABLE_OF_LEVEL[attr.level]
         return table.c[column_name(keyword + ("_norm" if norm else ""))]
 
-    def _condition(self, m: Match, column: Any = None) -> ColumnElement[bool]:
+    def _condition(self, m: Match, column: Any = None, params: list[Any] | None = None
+                   ) -> ColumnElement[bool]:
         if m.extended is not None:
             return extra.condition(m, _TABLE_OF_LEVEL[m.extended.level].c.pk)
         if m.keyword == "ModalitiesInStudy":
-            modalities = list(m.values)
-            cond: ColumnElement[bool] = (
-                series.c.modality.in_(modalities) if m.kind is not MatchKind.WILDCARD
-                else series.c.modality.like(wildcard_to_like(m.values[0]), escape="\\")
-            )
-            return exists().where(and_(series.c.study_pk == studies.c.pk, cond))
+            return exists().where(and_(series.c.study_pk == studies.c.pk,
+                                       text_condition(m, series.c.modality, params)))
         attr = ATTRIBUTES[m.keyword]
         folded = attr.vr in ("PN", "TM")
         col: ColumnElement[str] = (self._column(m.keyword, norm=folded) if column is None
                                    else column)
-        return text_condition(m, col)
+        return text_condition(m, col, params)
 
     def run(self) -> list[dict[str, Any]]:
+        q = self.query
+        params: dict[str, Any] = {}
+        if any(m.extended is not None for m in q.matches):
+            stmt = self._statement(bound=False)
+        else:
+            # Built once per form of query, run with this request's values: building
+            # a statement and its cache key cost more than running it.
+            form = (self.level, q.return_keys, q.limit, q.offset,
+                    tuple((m.keyword, text_form(m)) for m in q.matches))
+            params = {f"m{i}_{j}": value for i, m in enumerate(q.matches)
+                      for j, value in enumerate(text_params(m))}
+            statements = self.index._search_statements
+            found = statements.get(form)
+            if found is None:
+                found = self._statement(bound=True)
+                if len(statements) >= _SEARCH_STATEMENTS:
+                    statements.clear()
+                statements[form] = found
+            stmt = found
+        computed = [k for k in dict.fromkeys(q.return_keys) if ATTRIBUTES[k].computed]
+        with self.index.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
+            if rows and (q.extra_return_keys or q.extended_return):
+                self._representative_metadata(conn, rows)
+        for keyword in set(computed) & set(_IN_STUDY_SEPARATOR_KEYS):
+            for row in rows:
+                joined = row.get(keyword)
+                row[keyword] = sorted(joined.split(_IN_STUDY_SEPARATOR)) if joined else []
+        return rows
+
+    def _statement(self, *, bound: bool) -> Select[Any]:
+        """The search's SELECT; ``bound``: matching values as bound parameters named
+        ``m<match>_<value>`` (``text_params``), else as literals."""
         q = self.query
         wanted: list[str] = []
         for keyword in q.return_keys:
@@ -967,22 +1002,28 @@ class _Search:
         computed = [k for k in dict.fromkeys(q.return_keys) if ATTRIBUTES[k].computed]
         cols += self._computed_columns(computed)
         stmt: Select[Any] = select(*cols).select_from(_FROM_OF_LEVEL[self.level])
-        identity: list[Match] = []
-        for m in q.matches:
+
+        def binds(i: int, m: Match) -> list[Any] | None:
+            if not bound:
+                return None
+            return [bindparam(f"m{i}_{j}") for j in range(len(text_params(m)))]
+
+        identity: list[tuple[int, Match]] = []
+        for i, m in enumerate(q.matches):
             if ATTRIBUTES.get(m.keyword) and _level_index(ATTRIBUTES[m.keyword].level) > \
                     _level_index(self.level):
                 continue
             if m.keyword in corrections.PRIOR_COLUMNS:
-                identity.append(m)
+                identity.append((i, m))
                 continue
-            stmt = stmt.where(self._condition(m))
+            stmt = stmt.where(self._condition(m, params=binds(i, m)))
         if identity:
             # A merged patient's former identity finds the survivor's studies.
             stmt = stmt.where(patients.c.pk.in_(corrections.identity_patients(
-                lambda table: [self._condition(m, table.c[column_name(m.keyword)])
-                               for m in identity],
-                [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword])
-                 for m in identity])))
+                lambda table: [self._condition(m, table.c[column_name(m.keyword)],
+                                               binds(i, m)) for i, m in identity],
+                [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword], binds(i, m))
+                 for i, m in identity])))
         if self.level is Level.PATIENT:
             # Left without studies by a correction or merge: not a patient of the archive.
             stmt = stmt.where(exists().where(studies.c.patient_pk == patients.c.pk))
@@ -991,15 +1032,7 @@ class _Search:
             stmt = stmt.limit(q.limit)
         if q.offset:
             stmt = stmt.offset(q.offset)
-        with self.index.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(stmt)]
-            if rows and (q.extra_return_keys or q.extended_return):
-                self._representative_metadata(conn, rows)
-        for keyword in set(computed) & set(_IN_STUDY_SEPARATOR_KEYS):
-            for row in rows:
-                joined = row.get(keyword)
-                row[keyword] = sorted(joined.split(_IN_STUDY_SEPARATOR)) if joined else []
-        return rows
+        return stmt
 
     def _computed_columns(self, computed: list[str]) -> list[Any]:
         """The computed return keys of this level, as columns of the search's statement."""
