@@ -247,6 +247,16 @@ class Index(Protocol):
         """The study's metadata versions, oldest first (empty: never corrected)."""
         ...
 
+    def metadata_revision(self, study_instance_uid: str,
+                          series_instance_uid: str | None = None,
+                          sop_instance_uid: str | None = None) -> str | None:
+        """The study's revision, or None when the study (the series in it, the instance
+        in that) is not indexed. It changes, in the same transaction, whenever what
+        ``metadata`` returns for the study could change: an instance indexed, a
+        correction, a merge or unmerge; a value it had is never given again. ETags and
+        metadata caches in any process are keyed by it."""
+        ...
+
     def metadata_version(self, study_instance_uid: str) -> int:
         """The study's current metadata version (0: as received)."""
         ...

@@ -135,12 +135,17 @@ def _retrieve_url(root: str, level: Level, obj: dict[str, Any]) -> str | None:
     return f"{url}/instances/{sop}" if sop else None
 
 
+def _search(query: Query, deps: Deps) -> tuple[list[dict[str, Any]], list[str]]:
+    # One trip to the thread pool per request, not one per look-up.
+    return search(query, index=deps.index), backfilling(query, index=deps.index)
+
+
 async def _answer(level: Level, request: Request, deps: Deps,
                   fixed: dict[str, str] | None = None) -> Response:
     max_results = deps.settings.qido_max_results
     query, capped = query_from_params(level, request, fixed, max_results=max_results,
                                       extended=deps.extended)
-    results = await run_in_threadpool(search, query, index=deps.index)
+    results, incomplete = await run_in_threadpool(_search, query, deps)
     host = request.url.hostname or "vna"
     warnings: list[str] = []
     if capped and len(results) > max_results:
@@ -148,7 +153,6 @@ async def _answer(level: Level, request: Request, deps: Deps,
         warnings.append(
             f'299 {host}: "The number of results exceeded the maximum supported by the '
             'server. Additional results can be requested."')
-    incomplete = await run_in_threadpool(backfilling, query, index=deps.index)
     if incomplete:
         warnings.append(f'299 {host}: "Values of {", ".join(incomplete)} are still being '
                         'backfilled: the results may be incomplete."')

@@ -14,8 +14,9 @@ is produced before the status is sent; a later instance that fails to decode
 leaves the stream unfinished rather than sending something else.
 
 Responses stream from the blob store one chunk at a time; metadata is the
-stored DICOM JSON joined as strings, cached per study/series under an ETag
-computed from the instance set and the study's metadata version. Instances of
+stored DICOM JSON joined as strings, cached per study/series under the study's
+revision (``Index.metadata_revision``), which the index changes with anything
+the metadata shows; the ETag is derived from it. Instances of
 a corrected study are sent as a corrected copy (``vna.usecases.corrected``);
 the stored bytes are never rewritten.
 """
@@ -283,10 +284,8 @@ async def retrieve_instance(study: str, series: str, sop: str, request: Request,
 
 
 # ------------------------------------------------------------------ metadata
-def _etag(found: list[StoredInstance], version: int = 0) -> str:
-    digest = hashlib.sha256(f"metadata version {version}\n".encode())
-    for i in found:
-        digest.update(f"{i.ref.sop_instance_uid}:{i.blob_key}\n".encode())
+def _etag(revision: str, series: str | None, sop: str | None) -> str:
+    digest = hashlib.sha256(f"study revision {revision}\n{series or ''}\n{sop or ''}".encode())
     return '"' + digest.hexdigest()[:32] + '"'
 
 
@@ -300,14 +299,20 @@ def _check_json_accept(request: Request) -> None:
 async def _metadata(request: Request, deps: Deps, study: str, series: str | None = None,
                     sop: str | None = None) -> Response:
     _check_json_accept(request)
-    found = await _find(deps, study, series, sop)
-    # Corrections add metadata versions: the version is part of the ETag.
-    etag = _etag(found, await run_in_threadpool(deps.index.metadata_version, study))
+    _check_uids(StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop)
+    # The study's revision changes in the transaction of any change to what its
+    # metadata shows (new instance, correction, merge): one small look-up tells
+    # whether a cached body, in this process or another, is current.
+    revision = await run_in_threadpool(deps.index.metadata_revision, study, series, sop)
+    if revision is None:
+        what = "instance" if sop else "series" if series else "study"
+        raise HTTPException(404, f"no such {what}")
+    etag = _etag(revision, series, sop)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
         return Response(status_code=304, headers=headers)
-    # The ETag hashes the instance set and version, so a cached body under it is current.
-    cache_key = f"dicomweb:metadata:{study}:{series or ''}:{len(found)}:{etag}"
+    # Read after the revision, the body is at least as new as the key it is cached under.
+    cache_key = f"dicomweb:metadata:{study}:{series or ''}:{revision}"
     # Warm answers for gzip clients (viewers) are cached compressed too: compressing
     # a 1,000-instance study's JSON again on every request was a good part of its time.
     gzipped = "gzip" in request.headers.get("accept-encoding", "")

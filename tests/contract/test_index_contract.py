@@ -224,3 +224,46 @@ def test_audit_chain(index: SqlIndex) -> None:
     assert [r["outcome"] for r in index.audit_records("store")] == [
         "sop-conflict", "patient-conflict"]
     assert index.verify_audit()
+
+
+def test_searches_of_one_form_run_with_their_own_values(index: SqlIndex) -> None:
+    """A search statement is built once per form of query and run with each request's
+    values: queries of the same form with other values, and of forms differing only
+    in an open range end or in the number of values, each get their own answer."""
+    made = {}
+    for pid, name, date, modality in [("F1", "ALPHA^ANN", "20230105", "CT"),
+                                      ("F2", "BETA^BOB", "20240210", "MR"),
+                                      ("F3", "GAMMA^CY", "20250315", "US")]:
+        record = _record(patient_id=pid, patient_name=name, study_date=date,
+                         modality=modality)
+        index.upsert_instance(record)
+        made[pid] = record.study["StudyInstanceUID"]
+
+    def pids(**keys: str) -> list[str]:
+        return [r["PatientID"] for r in index.search(build_query(
+            Level.STUDY, keys, return_keys=["ModalitiesInStudy"]))]
+
+    for _ in range(2):  # the second time from the statements kept
+        assert pids(PatientID="F1") == ["F1"]
+        assert pids(PatientID="F2") == ["F2"]
+        assert pids(PatientID="F1\\F3") == ["F1", "F3"]
+        assert pids(PatientID="F1\\F2\\F3") == ["F1", "F2", "F3"]
+        assert pids(StudyDate="20240101-") == ["F2", "F3"]
+        assert pids(StudyDate="-20240101") == ["F1"]
+        assert pids(StudyDate="20240101-20241231") == ["F2"]
+        assert pids(StudyDate="20250101-20251231") == ["F3"]
+        assert pids(PatientName="B*") == ["F2"]
+        assert pids(PatientName="g?mma*") == ["F3"]
+        assert pids(ModalitiesInStudy="MR") == ["F2"]
+        assert pids(ModalitiesInStudy="CT\\US") == ["F1", "F3"]
+        assert pids(ModalitiesInStudy="U*") == ["F3"]
+        assert pids(StudyInstanceUID=made["F3"], PatientID="F3") == ["F3"]
+        assert pids(StudyInstanceUID=made["F3"], PatientID="F1") == []
+    fuzzy = build_query(Level.STUDY, {"PatientName": "bob beta"}, fuzzy=True)
+    assert [r["PatientID"] for r in index.search(fuzzy)] == ["F2"]
+    fuzzy = build_query(Level.STUDY, {"PatientName": "ann"}, fuzzy=True)
+    assert [r["PatientID"] for r in index.search(fuzzy)] == ["F1"]
+    rows = index.search(build_query(Level.STUDY, {}, return_keys=["ModalitiesInStudy"]))
+    assert [r["ModalitiesInStudy"] for r in rows] == [["CT"], ["MR"], ["US"]]
+    assert [r["PatientID"] for r in index.search(
+        build_query(Level.STUDY, {}, limit=1, offset=2))] == ["F3"]

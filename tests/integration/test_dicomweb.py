@@ -331,6 +331,40 @@ def test_metadata_with_bulkdata_uris_ranges_and_etag(web: Web) -> None:
     assert len(r2.json()) == 3
 
 
+def test_cached_metadata_follows_a_correction_made_elsewhere(web: Web) -> None:
+    """The cache is keyed by the index's study revision, not invalidated in-process:
+    a correction made by another process (here: straight in the index, behind the
+    app's back) changes the ETag and the body at once, at the study and series level."""
+    sent = a_study(n_series=1, per_series=2, patient_name="WRONG^NAME")
+    study, series = sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID
+    web.client().store_instances(sent)
+    web.index_all()
+    urls = [f"{web.root}/studies/{study}/metadata",
+            f"{web.root}/studies/{study}/series/{series}/metadata"]
+    before = {}
+    for url in urls:
+        for encoding in ("gzip", "identity"):  # both cached forms
+            r = httpx.get(url, headers={"Accept-Encoding": encoding})
+            assert value(r.json()[0], "00100010") == {"Alphabetic": "WRONG^NAME"}
+            before[url] = r.headers["etag"]
+        assert httpx.get(url, headers={"If-None-Match": before[url]}).status_code == 304
+
+    web.deps.index.correct_study(study, {"PatientName": "RIGHT^ANNA"}, reason="test",
+                                 actor="test")
+
+    for url in urls:
+        for encoding in ("gzip", "identity"):
+            r = httpx.get(url, headers={"If-None-Match": before[url],
+                                        "Accept-Encoding": encoding})
+            assert r.status_code == 200
+            assert r.headers["etag"] != before[url]
+            assert {value(doc, "00100010")["Alphabetic"] for doc in r.json()} == {
+                "RIGHT^ANNA"}
+    assert httpx.get(f"{web.root}/studies/{study}/series/{generate_uid()}/metadata"
+                     ).status_code == 404
+    assert httpx.get(f"{web.root}/studies/{generate_uid()}/metadata").status_code == 404
+
+
 def test_frames_native_and_encapsulated(web: Web) -> None:
     study, series = generate_uid(), generate_uid()
     multi = ct_instance(study_uid=study, series_uid=series, rows=16, columns=16)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -13,11 +14,16 @@ from vna.ports import Index
 _NUMERIC = {"IS", "US", "UL", "SL", "SS", "DS", "FL", "FD", "SV", "UV"}
 
 
+@lru_cache(maxsize=1024)
+def _tag_and_vr(keyword: str) -> tuple[str, str]:
+    # pydicom's dictionary look-ups cost more than building the attribute; a search
+    # returns the same few keywords for every row.
+    return f"{tag_for_keyword(keyword):08X}", dictionary_VR(keyword)
+
+
 def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
     """A DICOM JSON attribute (PS3.18 F.2) for a keyword and a plain value."""
-    tag = tag_for_keyword(keyword)
-    vr = dictionary_VR(keyword)
-    key = f"{tag:08X}"
+    key, vr = _tag_and_vr(keyword)
     if value is None or value == "" or value == []:
         return key, {"vr": vr}
     values = value if isinstance(value, list) else (
@@ -39,20 +45,19 @@ def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
 def search(query: Query, *, index: Index) -> list[dict[str, Any]]:
     """Matching entities at ``query.level`` as DICOM JSON objects, in stable order."""
     results = []
+    keywords = tuple(dict.fromkeys((*query.return_keys, "PatientID", "StudyInstanceUID",
+                                    "SeriesInstanceUID", "SOPInstanceUID")))
+    extra = [(*_tag_and_vr(k), k) for k in query.extra_return_keys
+             if tag_for_keyword(k) is not None]
     for row in index.search(query):
         obj: dict[str, Any] = {}
-        for keyword in (*query.return_keys, "PatientID", "StudyInstanceUID",
-                        "SeriesInstanceUID", "SOPInstanceUID"):
+        for keyword in keywords:
             if keyword in row:
                 tag, attr = json_attribute(keyword, row[keyword])
                 obj[tag] = attr
         metadata = row.get("_metadata") or {}
-        for keyword in query.extra_return_keys:
-            tag_int = tag_for_keyword(keyword)
-            if tag_int is None:
-                continue
-            tag = f"{tag_int:08X}"
-            obj[tag] = metadata.get(tag) or {"vr": dictionary_VR(keyword)}
+        for tag, vr, _ in extra:
+            obj[tag] = metadata.get(tag) or {"vr": vr}
         for ext in query.extended_return:
             # A private attribute keeps the tags it has in the instance, creator included.
             found = element_of(ext, metadata)

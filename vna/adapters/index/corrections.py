@@ -65,11 +65,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, select, text
+from sqlalchemy import ColumnElement, and_, exists, func, select, text, union
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -198,6 +198,25 @@ def merged_into_condition(prior_conditions: list[ColumnElement[bool]]) -> Column
     return cond
 
 
+def identity_patients(conditions: Callable[[Any], list[ColumnElement[bool]]],
+                      prior_conditions: list[ColumnElement[bool]]) -> Any:
+    """The pks of the patients whose identity columns meet ``conditions`` (given the
+    patients table, aliased) or that a prior patient meeting ``prior_conditions`` (over
+    ``PRIOR_COLUMNS``) was merged into: the same rows as ``conditions OR
+    merged_into_condition(...)`` on the outer patients, as one uncorrelated subquery,
+    so that the database starts from the identity's index instead of testing every
+    row of the outer query."""
+    direct = patients.alias("identity_patients")
+    merged = patients.alias("merged_patients")
+    return union(
+        select(direct.c.pk).where(and_(*conditions(direct))),
+        select(merged.c.pk).select_from(merged.join(_CHAIN, and_(
+            _CHAIN.c.patient_id == merged.c.patient_id,
+            _CHAIN.c.issuer_of_patient_id == merged.c.issuer_of_patient_id)))
+        .where(and_(*prior_conditions)),
+    )
+
+
 def current_identity(conn: Connection, study_uid: str) -> tuple[str, str] | None:
     """(Patient ID, Issuer) the indexed study is filed under now (None if not indexed)."""
     row = conn.execute(
@@ -205,6 +224,12 @@ def current_identity(conn: Connection, study_uid: str) -> tuple[str, str] | None
         .select_from(studies.join(patients))
         .where(studies.c.study_instance_uid == study_uid)).first()
     return (row.patient_id, row.issuer_of_patient_id) if row else None
+
+
+def touch_studies(conn: Connection, where: ColumnElement[bool]) -> None:
+    """Give the studies ``where`` selects a new revision: what their metadata shows
+    changed (in the transaction of the change, so readers see both or neither)."""
+    conn.execute(studies.update().where(where).values(revision=uuid.uuid4().hex))
 
 
 def after_upsert(index: SqlIndex, conn: Connection, patient_id: str, study_uid: str) -> None:
@@ -355,6 +380,7 @@ class Corrections:
             previous=json.dumps(dict(previous), sort_keys=True),
             attributes=json.dumps(dict(attributes), sort_keys=True),
             reason=reason, actor=actor[:64], created_at=self.at))
+        touch_studies(conn, studies.c.study_instance_uid == study_uid)
 
     def _apply_columns(self, conn: Connection, study: Any, changes: Mapping[str, str]
                        ) -> None:

@@ -65,6 +65,11 @@ studies = Table(
     Column("study_instance_uid", String(64), nullable=False, unique=True),
     Column("patient_pk", Integer, ForeignKey("patients.pk"), nullable=False, index=True),
     *_attribute_columns(Level.STUDY),
+    # (revision 0007) A new random value whenever what the study's metadata shows
+    # changes: an instance indexed, a correction, merge or unmerge. WADO-RS metadata
+    # ETags and caches are keyed by it. Random rather than a counter: it cannot
+    # repeat when a study is removed and indexed again.
+    Column("revision", String(32), nullable=False, default="", server_default=""),
 )
 
 series = Table(

@@ -26,9 +26,11 @@ from sqlalchemy import (
     and_,
     bindparam,
     create_engine,
+    distinct,
     event,
     exists,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -39,7 +41,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
 from vna.adapters.index import corrections, extra
-from vna.adapters.index.conditions import text_condition
+from vna.adapters.index.conditions import text_condition, text_form, text_params
 from vna.adapters.index.schema import (
     audit,
     claims,
@@ -54,7 +56,7 @@ from vna.adapters.index.schema import (
 from vna.audit import chain_hash
 from vna.dicom.corrections import apply_to_json
 from vna.dicom.extended import ExtraValue
-from vna.dicom.matching import ATTRIBUTES, Level, Match, MatchKind, Query, wildcard_to_like
+from vna.dicom.matching import ATTRIBUTES, Level, Match, Query
 from vna.events import Event, InstanceStored, encode_event
 from vna.journal import BlobJournal, JournalEntry
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
@@ -177,6 +179,23 @@ _SELECT_CLAIM_CONTEXT = select(
       for column in (study_patients.c.patient_id, study_patients.c.issuer_of_patient_id)),
 )
 _INSERT_STUDY_PATIENT = study_patients.insert()
+# WADO-RS metadata's revision look-up, by (series given, instance given).
+_SELECT_REVISION = {
+    (False, False): select(studies.c.revision).where(
+        studies.c.study_instance_uid == bindparam("study")),
+    (True, False): select(studies.c.revision).select_from(studies.join(series)).where(
+        studies.c.study_instance_uid == bindparam("study"),
+        series.c.series_instance_uid == bindparam("series")),
+    (False, True): select(studies.c.revision).select_from(
+        studies.join(series).join(instances)).where(
+        studies.c.study_instance_uid == bindparam("study"),
+        instances.c.sop_instance_uid == bindparam("sop")),
+    (True, True): select(studies.c.revision).select_from(
+        studies.join(series).join(instances)).where(
+        studies.c.study_instance_uid == bindparam("study"),
+        series.c.series_instance_uid == bindparam("series"),
+        instances.c.sop_instance_uid == bindparam("sop")),
+}
 _CLAIM_ATTEMPTS = 3
 _INSERT_CLAIM = claims.insert()
 _INSERT_OUTBOX = outbox.insert()
@@ -198,6 +217,10 @@ class SqlIndex:
         self._group_pending: list[_PendingClaim] = []
         self._claim_of = _Prepared(_SELECT_CLAIM, engine)
         self._claim_context = _Prepared(_SELECT_CLAIM_CONTEXT, engine)
+        self._search_statements: dict[Any, Select[Any]] = {}
+        """Search statements by form of query (``_Search.run``)."""
+        self._revision_of = {key: _Prepared(stmt, engine)
+                             for key, stmt in _SELECT_REVISION.items()}
         self.journal = journal
         """Where corrections and merges are journaled (``vna.journal``); None: nowhere,
         and ``vna reindex`` cannot rebuild them (tests of the index alone)."""
@@ -584,6 +607,19 @@ class SqlIndex:
         with self.engine.connect() as conn:
             return corrections.versions(conn, study_instance_uid)
 
+    def metadata_revision(self, study_instance_uid: str,
+                          series_instance_uid: str | None = None,
+                          sop_instance_uid: str | None = None) -> str | None:
+        """The study's revision (None: no such study, series or instance): one
+        indexed look-up, whatever the size of the study."""
+        prepared = self._revision_of[(series_instance_uid is not None,
+                                      sop_instance_uid is not None)]
+        with self.engine.connect() as conn:
+            row = prepared.first(conn, **{name: value for name, value in (
+                ("study", study_instance_uid), ("series", series_instance_uid),
+                ("sop", sop_instance_uid)) if value is not None})
+        return None if row is None else str(row[0])
+
     def metadata_version(self, study_instance_uid: str) -> int:
         with self.engine.connect() as conn:
             return corrections.overlay_of(conn, study_instance_uid)[0]
@@ -661,6 +697,9 @@ class _Upsert:
                 Level.SERIES: self._series_pk(record), Level.IMAGE: pk})])
         for patient_id, study_uid in dict.fromkeys(owners[uid] for uid in added):
             corrections.after_upsert(self.index, self.conn, patient_id, study_uid)
+        if touched := sorted({self._study_pk(record) for record, _ in items
+                              if record.instance["SOPInstanceUID"] in added}):
+            corrections.touch_studies(self.conn, studies.c.pk.in_(touched))
         outgoing = [{"routing_key": e.routing_key, "payload": encode_event(e),
                      "created_at": now, "attempts": 0}
                     for uid, e in events.items() if e is not None and uid in added]
@@ -833,14 +872,63 @@ def _columns(values: dict[str, Any], level: Level) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ query translation
+def _count_of(parent: Level, child: Level) -> Any:
+    """Correlated count of ``child`` rows under the ``parent`` row of the outer query."""
+    chain = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
+    start, end = chain.index(parent), chain.index(child)
+    joined: Any = _TABLE_OF_LEVEL[child]
+    for level in reversed(chain[start + 1 : end]):
+        joined = joined.join(_TABLE_OF_LEVEL[level])
+    first_below = _TABLE_OF_LEVEL[chain[start + 1]]
+    fk = {studies: studies.c.patient_pk, series: series.c.study_pk,
+          instances: instances.c.series_pk}[first_below]
+    parent_pk = _TABLE_OF_LEVEL[parent].c.pk
+    return (select(func.count()).select_from(joined).where(fk == parent_pk)
+            .correlate(_TABLE_OF_LEVEL[parent]).scalar_subquery())
+
+
+# Computed attributes (PS3.4 C.3.4) as correlated subqueries of the search's own
+# statement: one statement per search, evaluated only for the rows returned.
 _CHILD_COUNTS = {
-    "NumberOfPatientRelatedStudies": (Level.PATIENT, Level.STUDY),
-    "NumberOfPatientRelatedSeries": (Level.PATIENT, Level.SERIES),
-    "NumberOfPatientRelatedInstances": (Level.PATIENT, Level.IMAGE),
-    "NumberOfStudyRelatedSeries": (Level.STUDY, Level.SERIES),
-    "NumberOfStudyRelatedInstances": (Level.STUDY, Level.IMAGE),
-    "NumberOfSeriesRelatedInstances": (Level.SERIES, Level.IMAGE),
+    "NumberOfPatientRelatedStudies": (Level.PATIENT, _count_of(Level.PATIENT, Level.STUDY)),
+    "NumberOfPatientRelatedSeries": (Level.PATIENT, _count_of(Level.PATIENT, Level.SERIES)),
+    "NumberOfPatientRelatedInstances": (Level.PATIENT,
+                                        _count_of(Level.PATIENT, Level.IMAGE)),
+    "NumberOfStudyRelatedSeries": (Level.STUDY, _count_of(Level.STUDY, Level.SERIES)),
+    "NumberOfStudyRelatedInstances": (Level.STUDY, _count_of(Level.STUDY, Level.IMAGE)),
+    "NumberOfSeriesRelatedInstances": (Level.SERIES, _count_of(Level.SERIES, Level.IMAGE)),
 }
+_IN_STUDY_SEPARATOR = ","  # neither CS (modalities) nor UI values contain it
+
+
+def _distinct_in_study(dialect: str, column: Any, joined: Any, *where: Any) -> Any:
+    """The distinct values of ``column`` in the outer query's study, joined by a comma."""
+    agg = (func.string_agg(distinct(column), literal_column(f"'{_IN_STUDY_SEPARATOR}'"))
+           if dialect == "postgresql" else func.group_concat(distinct(column)))
+    return (select(agg).select_from(joined).where(series.c.study_pk == studies.c.pk, *where)
+            .correlate(studies).scalar_subquery())
+
+
+def _in_study_columns(dialect: str) -> dict[str, Any]:
+    return {
+        "ModalitiesInStudy": _distinct_in_study(dialect, series.c.modality, series,
+                                                series.c.modality != ""),
+        "SOPClassesInStudy": _distinct_in_study(dialect, instances.c.sop_class_uid,
+                                                instances.join(series)),
+    }
+
+
+_IN_STUDY_SEPARATOR_KEYS = ("ModalitiesInStudy", "SOPClassesInStudy")
+_IN_STUDY = {name: _in_study_columns(name) for name in ("sqlite", "postgresql")}
+_FROM_OF_LEVEL = {
+    Level.PATIENT: patients,
+    Level.STUDY: studies.join(patients),
+    Level.SERIES: series.join(studies).join(patients),
+    Level.IMAGE: instances.join(series).join(studies).join(patients),
+}
+
+
+_SEARCH_STATEMENTS = 512  # forms of query kept; more: start again
 
 
 class _Search:
@@ -857,32 +945,53 @@ class _Search:
         table = _TABLE_OF_LEVEL[attr.level]
         return table.c[column_name(keyword + ("_norm" if norm else ""))]
 
-    def _condition(self, m: Match, column: Any = None) -> ColumnElement[bool]:
+    def _condition(self, m: Match, column: Any = None, params: list[Any] | None = None
+                   ) -> ColumnElement[bool]:
         if m.extended is not None:
             return extra.condition(m, _TABLE_OF_LEVEL[m.extended.level].c.pk)
         if m.keyword == "ModalitiesInStudy":
-            modalities = list(m.values)
-            cond: ColumnElement[bool] = (
-                series.c.modality.in_(modalities) if m.kind is not MatchKind.WILDCARD
-                else series.c.modality.like(wildcard_to_like(m.values[0]), escape="\\")
-            )
-            return exists().where(and_(series.c.study_pk == studies.c.pk, cond))
+            return exists().where(and_(series.c.study_pk == studies.c.pk,
+                                       text_condition(m, series.c.modality, params)))
         attr = ATTRIBUTES[m.keyword]
         folded = attr.vr in ("PN", "TM")
         col: ColumnElement[str] = (self._column(m.keyword, norm=folded) if column is None
                                    else column)
-        return text_condition(m, col)
-
-    def _from(self) -> Any:
-        if self.level is Level.PATIENT:
-            return patients
-        if self.level is Level.STUDY:
-            return studies.join(patients)
-        if self.level is Level.SERIES:
-            return series.join(studies).join(patients)
-        return instances.join(series).join(studies).join(patients)
+        return text_condition(m, col, params)
 
     def run(self) -> list[dict[str, Any]]:
+        q = self.query
+        params: dict[str, Any] = {}
+        if any(m.extended is not None for m in q.matches):
+            stmt = self._statement(bound=False)
+        else:
+            # Built once per form of query, run with this request's values: building
+            # a statement and its cache key cost more than running it.
+            form = (self.level, q.return_keys, q.limit, q.offset,
+                    tuple((m.keyword, text_form(m)) for m in q.matches))
+            params = {f"m{i}_{j}": value for i, m in enumerate(q.matches)
+                      for j, value in enumerate(text_params(m))}
+            statements = self.index._search_statements
+            found = statements.get(form)
+            if found is None:
+                found = self._statement(bound=True)
+                if len(statements) >= _SEARCH_STATEMENTS:
+                    statements.clear()
+                statements[form] = found
+            stmt = found
+        computed = [k for k in dict.fromkeys(q.return_keys) if ATTRIBUTES[k].computed]
+        with self.index.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
+            if rows and (q.extra_return_keys or q.extended_return):
+                self._representative_metadata(conn, rows)
+        for keyword in set(computed) & set(_IN_STUDY_SEPARATOR_KEYS):
+            for row in rows:
+                joined = row.get(keyword)
+                row[keyword] = sorted(joined.split(_IN_STUDY_SEPARATOR)) if joined else []
+        return rows
+
+    def _statement(self, *, bound: bool) -> Select[Any]:
+        """The search's SELECT; ``bound``: matching values as bound parameters named
+        ``m<match>_<value>`` (``text_params``), else as literals."""
         q = self.query
         wanted: list[str] = []
         for keyword in q.return_keys:
@@ -896,23 +1005,31 @@ class _Search:
                 wanted.append(keyword)
         cols = [self.base.c.pk.label("_pk")]
         cols += [self._column(k).label(k) for k in wanted]
-        stmt: Select[Any] = select(*cols).select_from(self._from())
-        identity: list[Match] = []
-        for m in q.matches:
+        computed = [k for k in dict.fromkeys(q.return_keys) if ATTRIBUTES[k].computed]
+        cols += self._computed_columns(computed)
+        stmt: Select[Any] = select(*cols).select_from(_FROM_OF_LEVEL[self.level])
+
+        def binds(i: int, m: Match) -> list[Any] | None:
+            if not bound:
+                return None
+            return [bindparam(f"m{i}_{j}") for j in range(len(text_params(m)))]
+
+        identity: list[tuple[int, Match]] = []
+        for i, m in enumerate(q.matches):
             if ATTRIBUTES.get(m.keyword) and _level_index(ATTRIBUTES[m.keyword].level) > \
                     _level_index(self.level):
                 continue
             if m.keyword in corrections.PRIOR_COLUMNS:
-                identity.append(m)
+                identity.append((i, m))
                 continue
-            stmt = stmt.where(self._condition(m))
+            stmt = stmt.where(self._condition(m, params=binds(i, m)))
         if identity:
             # A merged patient's former identity finds the survivor's studies.
-            stmt = stmt.where(or_(
-                and_(*[self._condition(m) for m in identity]),
-                corrections.merged_into_condition(
-                    [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword])
-                     for m in identity])))
+            stmt = stmt.where(patients.c.pk.in_(corrections.identity_patients(
+                lambda table: [self._condition(m, table.c[column_name(m.keyword)],
+                                               binds(i, m)) for i, m in identity],
+                [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword], binds(i, m))
+                 for i, m in identity])))
         if self.level is Level.PATIENT:
             # Left without studies by a correction or merge: not a patient of the archive.
             stmt = stmt.where(exists().where(studies.c.patient_pk == patients.c.pk))
@@ -921,58 +1038,19 @@ class _Search:
             stmt = stmt.limit(q.limit)
         if q.offset:
             stmt = stmt.offset(q.offset)
-        with self.index.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(stmt)]
-            if rows:
-                self._computed(conn, rows)
-                if q.extra_return_keys or q.extended_return:
-                    self._representative_metadata(conn, rows)
-        return rows
+        return stmt
 
-    def _computed(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
-        pks = [r["_pk"] for r in rows]
-        wanted = set(self.query.return_keys)
-        by_pk = {r["_pk"]: r for r in rows}
-        for keyword, (parent, child) in _CHILD_COUNTS.items():
-            if keyword not in wanted or parent is not self.level:
-                continue
-            counts = self._count_children(conn, parent, child, pks)
-            for pk, row in by_pk.items():
-                row[keyword] = counts.get(pk, 0)
-        if self.level is Level.STUDY and wanted & {"ModalitiesInStudy", "SOPClassesInStudy"}:
-            mods: dict[int, set[str]] = {}
-            for pk, modality in conn.execute(
-                select(series.c.study_pk, series.c.modality).distinct()
-                .where(series.c.study_pk.in_(pks))
-            ):
-                if modality:
-                    mods.setdefault(pk, set()).add(modality)
-            classes: dict[int, set[str]] = {}
-            if "SOPClassesInStudy" in wanted:
-                for pk, cls in conn.execute(
-                    select(series.c.study_pk, instances.c.sop_class_uid).distinct()
-                    .select_from(instances.join(series)).where(series.c.study_pk.in_(pks))
-                ):
-                    classes.setdefault(pk, set()).add(cls)
-            for pk, row in by_pk.items():
-                row["ModalitiesInStudy"] = sorted(mods.get(pk, ()))
-                if "SOPClassesInStudy" in wanted:
-                    row["SOPClassesInStudy"] = sorted(classes.get(pk, ()))
-
-    def _count_children(self, conn: Connection, parent: Level, child: Level,
-                        pks: list[int]) -> dict[int, int]:
-        chain = [Level.PATIENT, Level.STUDY, Level.SERIES, Level.IMAGE]
-        start, end = chain.index(parent), chain.index(child)
-        joined: Any = _TABLE_OF_LEVEL[child]
-        for level in reversed(chain[start + 1 : end]):
-            joined = joined.join(_TABLE_OF_LEVEL[level])
-        first_below = _TABLE_OF_LEVEL[chain[start + 1]]
-        fk = {studies: studies.c.patient_pk, series: series.c.study_pk,
-              instances: instances.c.series_pk}[first_below]
-        stmt = (
-            select(fk, func.count()).select_from(joined).where(fk.in_(pks)).group_by(fk)
-        )
-        return {int(pk): int(n) for pk, n in conn.execute(stmt)}
+    def _computed_columns(self, computed: list[str]) -> list[Any]:
+        """The computed return keys of this level, as columns of the search's statement."""
+        cols = []
+        for keyword in computed:
+            if keyword in _CHILD_COUNTS:
+                parent, count = _CHILD_COUNTS[keyword]
+                if parent is self.level:
+                    cols.append(count.label(keyword))
+            elif self.level is Level.STUDY and keyword in _IN_STUDY_SEPARATOR_KEYS:
+                cols.append(_IN_STUDY[self.index.dialect][keyword].label(keyword))
+        return cols
 
     def _representative_metadata(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Attach one instance's DICOM JSON per row, for return keys not kept as columns."""
