@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     ingest_workers: int = 0
     """DIMSE ingest processes sharing the port (SO_REUSEPORT); 1 receives in the main
     process; 0 (default) means one per core plus one."""
+    http_workers: int = 0
+    """HTTP processes of ``vna run`` and ``vna dicomweb``, sharing the HTTP port; 1
+    serves in the main process; 0 (default) means one per core."""
     max_pdu: int = 0
     """Maximum PDU length we accept; 0 means unlimited."""
     dimse_timeout: float = 60.0
