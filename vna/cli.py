@@ -388,8 +388,8 @@ def cmd_dicomweb(settings: Settings) -> int:
 
 
 def cmd_http_worker(settings: Settings) -> int:
-    """An HTTP process of ``vna run`` / ``vna dicomweb``: serves on the archive's
-    listening socket; stores go to the outbox, which the archive relays."""
+    """An HTTP process of ``vna run`` / ``vna dicomweb``: serves the connections the
+    archive hands it; stores go to the outbox, which the archive relays."""
     import os
     import socket
     from functools import partial
@@ -397,21 +397,15 @@ def cmd_http_worker(settings: Settings) -> int:
     import uvicorn
 
     from services.dicomweb.app import create_app
-    from services.dicomweb.workers import (
-        CHANNEL_FD_ENV,
-        LISTEN_FD_ENV,
-        SharedSocketServer,
-        report,
-    )
+    from services.dicomweb.workers import CHANNEL_FD_ENV, HandedConnectionsServer, report
 
     parent = os.getppid()
     deps = build(settings)
     stop = _wait_for_signal()
-    listener = socket.socket(fileno=int(os.environ[LISTEN_FD_ENV]))
     channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
     deps.extras["on_stored"] = partial(report, channel, b"s")
     config = uvicorn.Config(create_app(deps), log_config=None, access_log=False)
-    server = SharedSocketServer(config, listener, on_started=partial(report, channel, b"r"))
+    server = HandedConnectionsServer(config, channel)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()
     # A worker does not outlive its archive (killed -9).
