@@ -9,6 +9,7 @@ stores; a worker that dies is replaced; Ctrl-C stops them all.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -46,6 +47,24 @@ def _children(pid: int, command: str) -> list[int]:
         if ppid == pid and command.encode() in cmdline:
             found.append(int(entry.name))
     return sorted(found)
+
+
+def _connections(pid: int, port: int) -> int:
+    """Established TCP connections on local ``port`` that process ``pid`` holds."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+                    inodes.add(fields[9])
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                held += 1
+    return held
 
 
 def _instances(study: str, series: str, first: int, count: int) -> list[bytes]:
@@ -90,6 +109,16 @@ def test_stow_from_concurrent_clients_over_several_http_workers(tmp_path: Path) 
         pid = archive.proc.pid
         workers = _children(pid, "http-worker")
         assert len(workers) == WORKERS
+
+        # Clients connecting together are spread over the workers, not all in one.
+        clients = [httpx.Client(timeout=10) for _ in range(2 * WORKERS)]
+        try:
+            with ThreadPoolExecutor(len(clients)) as pool:
+                list(pool.map(lambda c: c.get(f"{archive.base_url}/healthz"), clients))
+            assert sorted(_connections(w, archive.http_port) for w in workers) == [2] * WORKERS
+        finally:
+            for client in clients:
+                client.close()
 
         study, series = generate_uid(), generate_uid()
         batches = [_instances(study, series, 10 * k + 1, 10) for k in range(8)]
