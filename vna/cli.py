@@ -74,6 +74,68 @@ def _serve_http(deps: Deps, stop: StopSignal) -> Any:
     return server, thread
 
 
+class HttpFront:
+    """The HTTP side of ``vna run`` / ``vna dicomweb``: uvicorn in a thread of this
+    process (one worker), or ``VNA_HTTP_WORKERS`` processes sharing the port."""
+
+    def __init__(self, deps: Deps, stop: StopSignal, on_stored: Any) -> None:
+        self.workers = None
+        self.server = self.thread = None
+        count = _http_workers(deps.settings)
+        if count == 1:
+            deps.extras["on_stored"] = on_stored
+            self.server, self.thread = _serve_http(deps, stop)
+            return
+        from services.dicomweb.workers import HttpWorkers
+
+        self.workers = HttpWorkers(deps.settings.bind, deps.settings.http_port, count,
+                                   on_stored=on_stored)
+        self.workers.start()
+
+    def wait_ready(self) -> None:
+        if self.workers is not None and not self.workers.wait_ready(timeout=90):
+            raise SystemExit("the HTTP worker processes did not start")
+
+    def check(self) -> None:
+        """Replace a worker process that died."""
+        if self.workers is not None:
+            self.workers.replace_exited()
+
+    def stop(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
+        if self.server is not None and self.thread is not None:
+            self.server.should_exit = True
+            self.thread.join(timeout=10)
+
+
+def _http_workers(settings: Settings) -> int:
+    import os
+
+    # One per core: a worker is busy in Python (multipart, hashing) for most of a
+    # STOW-RS, and the main process indexes beside them.
+    return settings.http_workers if settings.http_workers > 0 else max(1, os.cpu_count() or 1)
+
+
+def _use_multiprocess_metrics(processes: int) -> str | None:
+    """With several processes, each writes its metrics to files in one directory and
+    ``/metrics`` (in any of them) adds them up (prometheus_client's multiprocess mode).
+
+    Must run before ``prometheus_client`` is imported: children inherit the setting.
+    Returns the directory, to remove on exit (None: one process, nothing to share).
+    """
+    import os
+    import tempfile
+
+    if processes <= 1:
+        return None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR") or "prometheus_client" in sys.modules:
+        return None  # set up by whoever started us, or too late to switch
+    directory = tempfile.mkdtemp(prefix="vna-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    return directory
+
+
 class StopSignal:
     """Set by SIGINT/SIGTERM; waited on by the main thread.
 
@@ -112,6 +174,11 @@ def _wait_for_signal() -> StopSignal:
 
 def cmd_run(settings: Settings) -> int:
     """Everything in one process on embedded defaults."""
+    import shutil
+
+    # First: what is imported next imports prometheus_client.
+    metrics_dir = _use_multiprocess_metrics(
+        max(_http_workers(settings), _ingest_workers(settings)))
     from services.ingest.scp import start_dimse, stop_dimse
     from vna.usecases.relay import OutboxRelay
 
@@ -123,7 +190,6 @@ def cmd_run(settings: Settings) -> int:
     backfill = start_backfill(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
-    deps.extras["on_stored"] = relay.wake  # STOW-RS wakes the relay as C-STORE does
     registrars = _registrars()
     workers = _ingest_workers(settings)
     # With several receiver processes, receiving is not bound to one GIL; this
@@ -138,10 +204,14 @@ def cmd_run(settings: Settings) -> int:
 
         dispatcher = Dispatcher(settings.bind, settings.dimse_port)
         extra = [_spawn_worker(dispatcher.add_receiver()) for _ in range(workers)]
+    # STOW-RS wakes the relay as C-STORE does (from a worker process: over its channel).
+    # HTTP workers start while the receivers do.
+    http = HttpFront(deps, stop, on_stored=relay.wake)
+    if dispatcher is not None:
         dispatcher.start()
         if not dispatcher.wait_ready(timeout=90):
             raise SystemExit("the receiver processes did not start")
-    http, http_thread = _serve_http(deps, stop)
+    http.wait_ready()
     log.info("VNA running", extra={"ae_title": settings.ae_title, "dimse_port":
                                    settings.dimse_port, "http_port": settings.http_port,
                                    "data_dir": str(settings.data_dir)})
@@ -150,6 +220,7 @@ def cmd_run(settings: Settings) -> int:
     while not stop.wait(1.0):
         if dispatcher is not None:
             _replace_exited(extra, dispatcher)
+        http.check()
     print("VNA stopping", flush=True)
     if hl7 is not None:
         hl7.stop()
@@ -161,11 +232,12 @@ def cmd_run(settings: Settings) -> int:
         proc.wait(timeout=15)
     if dimse is not None:
         stop_dimse(dimse)
-    http.should_exit = True
-    http_thread.join(timeout=10)
+    http.stop()
     backfill.stop()
     relay.stop()
     deps.close()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
@@ -291,6 +363,9 @@ def cmd_index(settings: Settings) -> int:
 
 def cmd_dicomweb(settings: Settings) -> int:
     """HTTP alone. STOW-RS events go through the shared outbox; this process relays too."""
+    import shutil
+
+    metrics_dir = _use_multiprocess_metrics(_http_workers(settings))  # before any import
     from vna.usecases.relay import OutboxRelay
 
     deps = build(settings)
@@ -299,13 +374,45 @@ def cmd_dicomweb(settings: Settings) -> int:
     declare_indexer_queue(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
-    deps.extras["on_stored"] = relay.wake
-    http, thread = _serve_http(deps, stop)
+    http = HttpFront(deps, stop, on_stored=relay.wake)
+    http.wait_ready()
     print(f"VNA dicomweb ready on http://{settings.bind}:{settings.http_port}", flush=True)
-    stop.wait()
-    http.should_exit = True
-    thread.join(timeout=10)
+    while not stop.wait(1.0):
+        http.check()
+    http.stop()
     relay.stop()
+    deps.close()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
+
+
+def cmd_http_worker(settings: Settings) -> int:
+    """An HTTP process of ``vna run`` / ``vna dicomweb``: serves the connections the
+    archive hands it; stores go to the outbox, which the archive relays."""
+    import os
+    import socket
+    from functools import partial
+
+    import uvicorn
+
+    from services.dicomweb.app import create_app
+    from services.dicomweb.workers import CHANNEL_FD_ENV, HandedConnectionsServer, report
+
+    parent = os.getppid()
+    deps = build(settings)
+    stop = _wait_for_signal()
+    channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
+    deps.extras["on_stored"] = partial(report, channel, b"s")
+    config = uvicorn.Config(create_app(deps), log_config=None, access_log=False)
+    server = HandedConnectionsServer(config, channel)
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    # A worker does not outlive its archive (killed -9).
+    while not stop.wait(1.0) and os.getppid() == parent and thread.is_alive():
+        pass
+    server.should_exit = True
+    thread.join(timeout=10)
     deps.close()
     return 0
 
@@ -425,6 +532,7 @@ COMMANDS = {
     "ingest-worker": cmd_ingest_worker,
     "index": cmd_index,
     "dicomweb": cmd_dicomweb,
+    "http-worker": cmd_http_worker,
     "reindex": cmd_reindex,
     "backfill": cmd_backfill,
 }

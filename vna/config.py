@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     lean_storage: bool = True
     """Serve associations that only store (and echo) with VNA's lean Storage SCP;
     false leaves every association to pynetdicom."""
+    http_workers: int = 0
+    """HTTP processes of ``vna run`` and ``vna dicomweb``, sharing the HTTP port; 1
+    serves in the main process; 0 (default) means one per core."""
     max_pdu: int = 0
     """Maximum PDU length we accept; 0 means unlimited."""
     dimse_timeout: float = 60.0

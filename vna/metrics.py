@@ -1,8 +1,24 @@
-"""Prometheus metrics (one registry per process)."""
+"""Prometheus metrics.
+
+One registry per process; when ``vna run`` or ``vna dicomweb`` runs several
+processes (HTTP workers, DIMSE receivers) they share one directory
+(``PROMETHEUS_MULTIPROC_DIR``, set by the archive before any of them imports
+prometheus_client) and ``/metrics`` in any of them reports the sum over all.
+Gauges then keep the value the latest process set.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 
 INSTANCES_STORED = Counter("vna_instances_stored_total", "Instances newly stored")
 INSTANCES_DUPLICATE = Counter("vna_instances_duplicate_total", "Identical instances sent again")
@@ -14,8 +30,10 @@ STORE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 INSTANCES_INDEXED = Counter("vna_instances_indexed_total", "Instances added to the index")
-INDEX_LAG = Gauge("vna_index_lag", "Stored instances not yet in the index")
-QUEUE_DEPTH = Gauge("vna_queue_depth", "Events waiting: outbox plus bus queues")
+INDEX_LAG = Gauge("vna_index_lag", "Stored instances not yet in the index",
+                  multiprocess_mode="mostrecent")
+QUEUE_DEPTH = Gauge("vna_queue_depth", "Events waiting: outbox plus bus queues",
+                    multiprocess_mode="mostrecent")
 TRANSCODES = Counter("vna_transcodes_total",
                      "Instances or frames sent in another transfer syntax than stored",
                      ["kind", "outcome"])
@@ -23,6 +41,7 @@ EXTENDED_BACKFILL_PENDING = Gauge(
     "vna_extended_backfill_pending",
     "1 while the values of an extended query attribute are being backfilled",
     ["attribute"],
+    multiprocess_mode="mostrecent",
 )
 EXTENDED_BACKFILLED = Counter("vna_extended_backfilled_instances_total",
                               "Instances read by the extended-attribute backfill")
@@ -30,3 +49,14 @@ DIMSE_ASSOCIATIONS = Counter("vna_dimse_associations_total",
                              "DIMSE associations received, by the SCP that served them: "
                              "'lean' (storage only) or 'pynetdicom' (everything else)",
                              ["scp"])
+
+
+def exposition() -> bytes:
+    """The text format of every metric: this process's, or all processes' of the archive."""
+    # prometheus_client's own variable: it decided at import how values are kept.
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return generate_latest()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)

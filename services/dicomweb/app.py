@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.dicomweb import qido, rendered, stow, wado
 from services.dicomweb.common import PREFIX
@@ -97,7 +97,7 @@ def create_app(deps: Deps) -> FastAPI:
         counts = deps.index.counts()
         metrics.INDEX_LAG.set(counts["unindexed"])
         metrics.QUEUE_DEPTH.set(counts["outbox"] + deps.bus.queue_depth())
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get(PREFIX)
     def capabilities() -> dict[str, object]:

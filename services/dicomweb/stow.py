@@ -41,6 +41,7 @@ not multipart/related application/dicom, 400 for a malformed body.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -101,6 +102,15 @@ class _Outcome:
     failure: StoreFailure | None = None
     retrieve_url: str = ""
     reason: str = ""
+
+
+_NOT_STORED = _Outcome("", "", stored=False, failure=StoreFailure.UNAVAILABLE,
+                       reason="not stored")
+"""A part's place while it is being stored."""
+
+
+_PARTS_IN_FLIGHT = 8
+"""Parts of one request being stored at once (each in a thread of the pool)."""
 
 
 def _staging_dir(deps: Deps) -> Path:
@@ -338,18 +348,41 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
         try:
             sink.close()
             part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
-            if part_media != APPLICATION_DICOM:
-                outcomes.append(_Outcome("", "", stored=False, failure=StoreFailure.UNREADABLE,
-                                         reason=f"a part of type {part_media} in a request of "
-                                                "application/dicom"))
-                return
-            outcomes.append(await run_in_threadpool(
-                _store_part, sink.path, study, deps, staging, root))
+        except BaseException:
+            sink.discard()
+            raise
+        if part_media != APPLICATION_DICOM:
+            sink.discard()
+            outcomes.append(_Outcome("", "", stored=False, failure=StoreFailure.UNREADABLE,
+                                     reason=f"a part of type {part_media} in a request of "
+                                            "application/dicom"))
+            return
+        # Stored while the next parts are read: the claims of one request then share
+        # the index's group commits and their fsyncs overlap, instead of one
+        # instance's fsyncs after another's. Its outcome keeps the part's place.
+        outcomes.append(_NOT_STORED)
+        storing.append(asyncio.ensure_future(store_part(sink, len(outcomes) - 1)))
+        running = [t for t in storing if not t.done()]
+        if len(running) >= _PARTS_IN_FLIGHT:
+            await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+
+    async def store_part(sink: _PartFile, slot: int) -> None:
+        try:
+            outcomes[slot] = await run_in_threadpool(
+                _store_part, sink.path, study, deps, staging, root)
         finally:
             sink.discard()
 
+    storing: list[asyncio.Task[None]] = []
     try:
-        await read_parts(request.stream(), boundary, open_part, close_part)
+        try:
+            await read_parts(request.stream(), boundary, open_part, close_part)
+        finally:
+            # Answered only once every part is stored (or failed): acknowledged means durable.
+            if storing:
+                await asyncio.wait(storing)
+        for task in storing:
+            task.result()  # an unexpected error in a store fails the request, as before
         for obj in json_instances:
             outcomes.append(await run_in_threadpool(
                 _store_json_instance, obj, bulk, study, deps, staging, root))

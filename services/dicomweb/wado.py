@@ -60,7 +60,7 @@ from services.dicomweb.layout import (
     open_blob,
     read_layout,
 )
-from services.dicomweb.multipart import write_parts
+from services.dicomweb.multipart import closing, part_header, write_parts
 from services.dicomweb.negotiation import (
     STORED,
     dicom_choices,
@@ -78,6 +78,9 @@ log = logging.getLogger("vna.dicomweb.wado")
 router = APIRouter()
 
 _CHUNK = 1 << 20
+# Stored instances go out in pieces of about this size: one read of each blob and
+# one hand-over to the event loop per piece, not per instance (a CT slice is 0.5 MB).
+_PIECE = 8 << 20
 # Transcoding is CPU-bound and holds a decoded instance: one per core at a time
 # bounds both, however many requests the thread pool runs.
 _TRANSCODE_SLOTS = threading.BoundedSemaphore(max(1, os.cpu_count() or 1))
@@ -220,6 +223,10 @@ async def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -
         return len(planned), None
 
     overlays = Overlays(deps.index)
+    if planned and not refused and all(item.choices[0] == STORED for item in planned):
+        fast = await run_in_threadpool(_as_stored_plan, deps, planned, overlays)
+        if fast is not None:
+            return _as_stored_response(deps, fast)
     at, head = await run_in_threadpool(first)
     if head is None:
         raise HTTPException(406, "no acceptable transfer syntax can be sent: " + _summary(refused))
@@ -252,6 +259,121 @@ async def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -
     return StreamingResponse(
         write_parts(boundary, parts()), status_code=status, headers=headers,
         media_type=f"{media_type}; boundary={boundary}")
+
+
+@dataclass(frozen=True)
+class _AsStored:
+    """A multipart response of stored blobs only: every part's header known up front."""
+
+    boundary: str
+    parts: list[tuple[bytes, StoredInstance]]
+    """(delimiter and part headers, instance), in order."""
+    length: int | None
+    """The body's length when every blob's size was checked (files), else None."""
+
+
+def _as_stored_plan(deps: Deps, planned: list[_Planned], overlays: Overlays) -> _AsStored | None:
+    """The plan of an as-stored retrieval; None when a study is corrected (its instances
+    are rewritten on the way out, ``_produce``)."""
+    if any(overlays(uid) for uid in {p.instance.ref.study_instance_uid for p in planned}):
+        return None
+    boundary = uuid.uuid4().hex
+    parts = [((b"\r\n" if i else b"") + part_header(
+        boundary, f"{APPLICATION_DICOM}; transfer-syntax={p.instance.transfer_syntax_uid}"),
+        p.instance) for i, p in enumerate(planned)]
+    length: int | None = sum(len(head) + i.size for head, i in parts) + len(_tail(boundary))
+    for _, instance in parts:
+        # A Content-Length only when each blob is known to be as long as the index says.
+        path = deps.blobs.local_path(instance.blob_key)
+        if path is None or path.stat().st_size != instance.size:
+            length = None
+            break
+    return _AsStored(boundary, parts, length)
+
+
+def _tail(boundary: str) -> bytes:
+    return b"\r\n" + closing(boundary)
+
+
+def _as_stored_response(deps: Deps, plan: _AsStored) -> Response:
+    """The blobs as stored, in pieces of about ``_PIECE`` bytes.
+
+    With a Content-Length the body is not chunk-encoded either. A blob that turns
+    out shorter or longer than announced ends the response unfinished.
+    """
+
+    def pieces() -> Iterator[bytes | memoryview]:
+        batch: list[tuple[bytes, StoredInstance]] = []
+        size = 0
+        for head, instance in plan.parts:
+            if instance.size > _PIECE:  # a large one streams on its own
+                if batch:
+                    yield _piece(deps, batch, size, plan.length is not None)
+                    batch, size = [], 0
+                yield head
+                sent = 0
+                with deps.blobs.open(instance.blob_key) as fp:
+                    while chunk := fp.read(_CHUNK):
+                        sent += len(chunk)
+                        yield chunk
+                if plan.length is not None and sent != instance.size:
+                    raise RuntimeError(f"blob {instance.blob_key} changed size")
+                continue
+            batch.append((head, instance))
+            size += len(head) + instance.size
+            if size >= _PIECE:
+                yield _piece(deps, batch, size, plan.length is not None)
+                batch, size = [], 0
+        if batch:
+            yield _piece(deps, batch, size, plan.length is not None)
+        yield _tail(plan.boundary)
+
+    syntaxes = {instance.transfer_syntax_uid for _, instance in plan.parts}
+    media_type = f'multipart/related; type="{APPLICATION_DICOM}"'
+    if len(syntaxes) == 1:
+        media_type += f"; transfer-syntax={syntaxes.pop()}"
+    headers = {} if plan.length is None else {"Content-Length": str(plan.length)}
+    # A sync generator: Starlette reads it in a worker thread, one piece at a time.
+    return StreamingResponse(pieces(), headers=headers,
+                             media_type=f"{media_type}; boundary={plan.boundary}")
+
+
+def _piece(deps: Deps, parts: list[tuple[bytes, StoredInstance]], size: int, exact: bool
+           ) -> bytes | memoryview:
+    """Part headers and blobs in one buffer, each blob read straight into its place.
+
+    ``exact``: every blob was checked to be as long as the index says; otherwise
+    they are read as they are.
+    """
+    if not exact:
+        out: list[bytes] = []
+        for head, instance in parts:
+            out.append(head)
+            with deps.blobs.open(instance.blob_key) as fp:
+                out.append(fp.read())
+        return b"".join(out)
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    at = 0
+    for head, instance in parts:
+        view[at:at + len(head)] = head
+        at += len(head)
+        end = at + instance.size
+        with deps.blobs.open(instance.blob_key) as fp:
+            readinto = getattr(fp, "readinto", None)
+            while at < end:
+                if readinto is not None:
+                    n = readinto(view[at:end])
+                else:
+                    chunk = fp.read(end - at)
+                    n = len(chunk)
+                    view[at:at + n] = chunk
+                if not n:
+                    raise RuntimeError(f"blob {instance.blob_key} is shorter than indexed")
+                at += n
+            if fp.read(1):
+                raise RuntimeError(f"blob {instance.blob_key} is longer than indexed")
+    return view
 
 
 def _summary(reasons: list[str], limit: int = 3) -> str:
