@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -24,6 +25,17 @@ class Deps:
     """Optional ports added by other services (e.g. 'worklist')."""
     extended: ExtendedAttributes = NO_EXTENDED
     """The extended query attributes (``VNA_EXTRA_QUERY_ATTRIBUTES``)."""
+    _staging: Path | None = field(default=None, init=False, repr=False)
+
+    def staging_dir(self) -> Path:
+        """Where C-STORE and STOW-RS frame incoming data sets: beside the blobs when
+        they are files (a link, not a copy, then makes them durable). Made once."""
+        if self._staging is None:
+            root = getattr(self.blobs, "staging_dir", None)
+            path: Path = root() if callable(root) else self.settings.data_dir / "tmp"
+            path.mkdir(parents=True, exist_ok=True)
+            self._staging = path
+        return self._staging
 
     def close(self) -> None:
         self.bus.stop()

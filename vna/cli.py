@@ -200,7 +200,7 @@ def cmd_run(settings: Settings) -> int:
     if workers == 1:
         dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars)
     else:
-        from services.ingest.dispatch import Dispatcher
+        from vna.dispatch import Dispatcher
 
         dispatcher = Dispatcher(settings.bind, settings.dimse_port)
         extra = [_spawn_worker(dispatcher.add_receiver()) for _ in range(workers)]
@@ -274,7 +274,7 @@ def _spawn_worker(channel: Any) -> Any:
     import os
     import subprocess
 
-    from services.ingest.dispatch import CHANNEL_FD_ENV
+    from vna.dispatch import CHANNEL_FD_ENV
 
     fd = channel.fileno()
     proc = subprocess.Popen([sys.executable, "-m", "vna", "ingest-worker"], pass_fds=[fd],
@@ -288,8 +288,8 @@ def cmd_ingest_worker(settings: Settings) -> int:
     import os
     import socket
 
-    from services.ingest.dispatch import CHANNEL_FD_ENV
     from services.ingest.scp import start_dimse, stop_dimse
+    from vna.dispatch import CHANNEL_FD_ENV
 
     parent = os.getppid()
     deps = build(settings)

@@ -113,14 +113,6 @@ _PARTS_IN_FLIGHT = 8
 """Parts of one request being stored at once (each in a thread of the pool)."""
 
 
-def _staging_dir(deps: Deps) -> Path:
-    """Beside the blobs when they are files (a rename, not a copy, makes them durable)."""
-    root = getattr(deps.blobs, "staging_dir", None)
-    path: Path = root() if callable(root) else deps.settings.data_dir / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 class _PartFile:
     """The staging file one part's body is written to.
 
@@ -312,7 +304,7 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
         raise HTTPException(400, "multipart/related without a boundary")
     if study is not None and not is_valid_uid(study):
         raise HTTPException(400, f"StudyInstanceUID: {study!r} is not a valid UID")
-    staging = _staging_dir(deps)
+    staging = deps.staging_dir()
     root = base_url(request)
     outcomes: list[_Outcome] = []
     current: dict[int, _PartFile | _BulkFile | _JsonBuffer] = {}

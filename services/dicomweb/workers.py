@@ -9,15 +9,14 @@ outbox, exactly as a DIMSE receiver's C-STORE does; the main process relays the
 outbox and indexes.
 
 The archive accepts each connection and passes it (SCM_RIGHTS over a Unix
-socket pair) to the worker with the fewest open connections. Workers accepting
+socket pair, ``vna.dispatch``, as for DIMSE receivers) to the worker with the
+fewest open connections. Workers accepting
 from the shared listening socket themselves balanced badly: clients that
 connect together (four STOW-RS clients starting a batch) all landed in the
 worker that woke first, and that worker's GIL then capped them all.
 
-Wire, one byte each: worker -> archive ``r`` serving, ``d`` a connection
-closed, ``s`` something was stored (the archive wakes its outbox relay at once
-rather than at its next poll); archive -> worker ``c`` with a connection's
-descriptor attached.
+The wire is ``vna.dispatch``'s: ``r`` serving, ``d`` a connection closed,
+``s`` something was stored.
 """
 
 from __future__ import annotations
@@ -31,9 +30,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import uvicorn
+
+from vna.dispatch import Dispatcher
 
 log = logging.getLogger("vna.dicomweb.workers")
 
@@ -41,137 +41,62 @@ CHANNEL_FD_ENV = "VNA_HTTP_CHANNEL_FD"
 """Tells an ``http-worker`` which inherited descriptor is its channel to the archive."""
 
 
-@dataclass
-class _Worker:
-    proc: subprocess.Popen[bytes]
-    channel: socket.socket
-    open_connections: int = 0
-    alive: bool = True
-    ready: threading.Event = field(default_factory=threading.Event)
-
-
 class HttpWorkers:
-    """The archive's side: binds the port, starts and watches the workers, hands them
-    connections, stops them."""
+    """The archive's side: starts and watches the workers; a ``Dispatcher`` binds the
+    port and hands them connections."""
 
     def __init__(self, host: str, port: int, count: int,
                  on_stored: Callable[[], None] | None = None) -> None:
         self.count = count
-        self.on_stored = on_stored
-        self._listener = socket.create_server((host, port), backlog=1024)
-        self._workers: list[_Worker] = []
+        self._dispatcher = Dispatcher(host, port, backlog=1024, on_stored=on_stored)
+        self._procs: list[subprocess.Popen[bytes]] = []
         self._lock = threading.Lock()
         self._closed = False
 
     def start(self) -> None:
         with self._lock:
-            self._workers = [self._spawn() for _ in range(self.count)]
-        threading.Thread(target=self._accept_loop, daemon=True, name="http-acceptor").start()
+            self._procs = [self._spawn() for _ in range(self.count)]
+        self._dispatcher.start()
 
     def wait_ready(self, timeout: float) -> bool:
         """True once every worker said it is serving."""
-        return all(w.ready.wait(timeout) for w in list(self._workers))
+        return self._dispatcher.wait_ready(timeout)
 
     def open_connections(self) -> list[int]:
         """Open connections of each live worker, as the archive counts them."""
-        with self._lock:
-            return [w.open_connections for w in self._workers if w.alive]
+        return self._dispatcher.open_associations()
 
     def replace_exited(self) -> None:
         """A worker that died (OOM-killed, a crash) is replaced; meanwhile the others
         get its share of connections."""
         with self._lock:
-            for i, worker in enumerate(self._workers):
-                if worker.proc.poll() is not None and not self._closed:
+            for i, proc in enumerate(self._procs):
+                if proc.poll() is not None and not self._closed:
                     log.error("an HTTP worker exited; starting another",
-                              extra={"pid": worker.proc.pid,
-                                     "returncode": worker.proc.returncode})
-                    worker.alive = False
-                    with contextlib.suppress(OSError):
-                        worker.channel.close()
-                    self._workers[i] = self._spawn()
+                              extra={"pid": proc.pid, "returncode": proc.returncode})
+                    self._procs[i] = self._spawn()
 
     def close(self, timeout: float = 15.0) -> None:
         """Stop accepting, let the workers finish their requests, then stop them."""
         self._closed = True
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        for worker in self._workers:
-            if worker.proc.poll() is None:
-                worker.proc.terminate()
-        for worker in self._workers:
+        self._dispatcher.close()
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._procs:
             try:
-                worker.proc.wait(timeout=timeout)
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                worker.proc.kill()
-                worker.proc.wait(timeout=5)
-            with contextlib.suppress(OSError):
-                worker.channel.close()
+                proc.kill()
+                proc.wait(timeout=5)
 
-    def _spawn(self) -> _Worker:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        fd = theirs.fileno()
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        channel = self._dispatcher.add_receiver()
+        fd = channel.fileno()
         proc = subprocess.Popen([sys.executable, "-m", "vna", "http-worker"], pass_fds=[fd],
                                 env={**os.environ, CHANNEL_FD_ENV: str(fd)})
-        theirs.close()  # the worker holds it now
-        worker = _Worker(proc, ours)
-        threading.Thread(target=self._listen, args=(worker,), daemon=True,
-                         name="http-worker-reports").start()
-        return worker
-
-    def _listen(self, worker: _Worker) -> None:
-        while True:
-            try:
-                data = worker.channel.recv(256)
-            except OSError:
-                data = b""
-            if not data:
-                break  # the worker is gone
-            stored = False
-            with self._lock:
-                for byte in data:
-                    if byte == ord("r"):
-                        worker.ready.set()
-                    elif byte == ord("d"):
-                        worker.open_connections = max(0, worker.open_connections - 1)
-                    elif byte == ord("s"):
-                        stored = True
-            if stored and self.on_stored is not None:
-                try:
-                    self.on_stored()
-                except Exception:
-                    log.exception("on_stored hook failed")
-        with self._lock:
-            worker.alive = False
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                if self._closed:
-                    return
-                continue
-            with conn:
-                self._hand_over(conn)
-
-    def _hand_over(self, conn: socket.socket) -> None:
-        while True:
-            with self._lock:
-                alive = [w for w in self._workers if w.alive]
-                # One just started (replacing one that died) gets work once it serves.
-                candidates = [w for w in alive if w.ready.is_set()] or alive
-                if not candidates:
-                    log.error("no HTTP worker left: connection refused")
-                    return
-                worker = min(candidates, key=lambda w: w.open_connections)
-                worker.open_connections += 1
-            try:
-                socket.send_fds(worker.channel, [b"c"], [conn.fileno()])
-                return  # the worker holds its own descriptor now; ours closes
-            except OSError:
-                with self._lock:
-                    worker.alive = False
+        channel.close()  # the worker holds it now
+        return proc
 
 
 # ------------------------------------------------------------------ in a worker

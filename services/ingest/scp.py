@@ -28,10 +28,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
-from services.ingest.dispatch import receive_connections, report_ended
-from services.ingest.storage import StorageReceiver, staging_dir, store_received
+from services.ingest.storage import StorageReceiver, store_received
 from vna.bootstrap import Deps
 from vna.dicom import status
+from vna.dispatch import receive_connections, report_ended
 from vna.usecases.store import Received
 
 log = logging.getLogger("vna.ingest")
@@ -93,7 +93,7 @@ def _lean_storage(server: AssociationServer, deps: Deps, on_stored: Callable[[],
     # before the registrars add Q/R and worklist (which stay with pynetdicom).
     server.storage = StorageReceiver(
         build_ae(deps), partial(store_received, deps=deps, on_stored=on_stored),
-        staging_dir=staging_dir(deps), network_timeout=settings.network_timeout,
+        staging_dir=deps.staging_dir(), network_timeout=settings.network_timeout,
         max_pdu=settings.max_pdu)
     server.on_lean_end = on_end
 

@@ -109,24 +109,12 @@ def store_received(received: Received, *, deps: Deps,
     """C-STORE, on either path: the received bytes, as received, to ``store_instance``."""
     try:
         store_instance(received, blobs=deps.blobs, index=deps.index,
-                       staging_dir=staging_dir(deps))
+                       staging_dir=deps.staging_dir())
     except StoreError as exc:
         return refusal(exc)
     if on_stored is not None:
         on_stored()
     return status.SUCCESS, None
-
-
-def staging_dir(deps: Deps) -> Path:
-    """Where incoming data sets are framed: beside the blobs when they are files."""
-    known = deps.extras.get("staging_dir")
-    if isinstance(known, Path):
-        return known
-    root = getattr(deps.blobs, "staging_dir", None)
-    path: Path = root() if callable(root) else deps.settings.data_dir / "tmp"
-    path.mkdir(parents=True, exist_ok=True)
-    deps.extras["staging_dir"] = path  # made once, not once per instance
-    return path
 
 
 class ProtocolError(Exception):
@@ -139,8 +127,9 @@ class StorageReceiver:
     def __init__(self, ae: AE, store: StoreReceived, *, staging_dir: Path,
                  network_timeout: float, max_pdu: int, max_associations: int = 64) -> None:
         self._contexts: list[PresentationContext] = list(ae.supported_contexts)
-        storage = {str(cx.abstract_syntax) for cx in self._contexts}
-        self._lean_uids = storage  # Verification and Storage SOP Classes only (build_ae)
+        # Verification and the Storage SOP Classes: the AE is build_ae's, before the
+        # registrars add Q/R and worklist.
+        self._lean_uids = {str(cx.abstract_syntax) for cx in self._contexts}
         self._store = store
         self._staging_dir = staging_dir
         self._timeout = network_timeout

@@ -6,8 +6,8 @@ import socket
 import threading
 from typing import Any
 
-from services.ingest.dispatch import Dispatcher, receive_connections, report_ended
 from tests.support.processes import free_port, wait_for
+from vna.dispatch import Dispatcher, receive_connections, report_ended
 
 
 class FakeReceiver:
@@ -88,4 +88,22 @@ def test_a_receiver_gone_leaves_the_others_serving() -> None:
     finally:
         for c in clients:
             c.close()
+        dispatcher.close()
+
+
+def test_wait_ready_does_not_wait_for_a_receiver_that_died() -> None:
+    dispatcher = Dispatcher("127.0.0.1", free_port())
+    try:
+        ready = dispatcher.add_receiver()
+        dead = dispatcher.add_receiver()
+        silent = dispatcher.add_receiver()
+        ready.sendall(b"r")
+        dead.close()  # killed before it ever served
+        assert not dispatcher.wait_ready(timeout=0.5)  # ``silent`` lives but never served
+        silent.sendall(b"r")
+        assert dispatcher.wait_ready(timeout=10)
+        assert len(dispatcher.open_associations()) == 2  # the dead one gets nothing
+        ready.close()
+        silent.close()
+    finally:
         dispatcher.close()

@@ -1,4 +1,7 @@
-"""Spread associations over ``vna run``'s receiver processes, the least busy first.
+"""Spread connections over worker processes, the least busy first.
+
+Both of ``vna run``'s sides use it: DIMSE associations go to its receiver
+processes, HTTP connections to its HTTP workers (``services.dicomweb.workers``).
 
 ``vna run`` receives in several processes, so that receiving is not bound to one
 GIL. Sharing the port with SO_REUSEPORT leaves the choice to a hash of the
@@ -8,8 +11,10 @@ each connection itself and passes the socket (SCM_RIGHTS over a Unix socket pair
 to the receiver with the fewest open associations; a receiver reports each
 association's end on the same pair.
 
-Wire, one byte each: receiver -> archive ``r`` ready, ``d`` an association ended;
-archive -> receiver ``c`` with a connection's descriptor attached.
+Wire, one byte each: receiver -> archive ``r`` ready, ``d`` an association ended,
+``s`` something was stored (the archive wakes its outbox relay at once rather
+than at its next poll); archive -> receiver ``c`` with a connection's
+descriptor attached.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("vna.ingest.dispatch")
+log = logging.getLogger("vna.dispatch")
 
 CHANNEL_FD_ENV = "VNA_INGEST_CHANNEL_FD"
 """Tells an ``ingest-worker`` which inherited descriptor is its channel."""
@@ -37,10 +43,12 @@ class _Receiver:
 
 
 class Dispatcher:
-    """Accepts on the DIMSE port and hands each connection to a receiver process."""
+    """Accepts on a port and hands each connection to a receiver process."""
 
-    def __init__(self, host: str, port: int) -> None:
-        self._listener = socket.create_server((host, port), backlog=128)
+    def __init__(self, host: str, port: int, *, backlog: int = 128,
+                 on_stored: Callable[[], None] | None = None) -> None:
+        self._listener = socket.create_server((host, port), backlog=backlog)
+        self.on_stored = on_stored
         self._receivers: list[_Receiver] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -56,8 +64,16 @@ class Dispatcher:
         return theirs
 
     def wait_ready(self, timeout: float) -> bool:
-        """True once every receiver said it is serving."""
-        return all(r.ready.wait(timeout) for r in self._receivers)
+        """True once every live receiver said it is serving. One that died meanwhile
+        is not waited for: the archive replaces it once it runs."""
+        deadline = time.monotonic() + timeout
+        for receiver in list(self._receivers):
+            while not receiver.ready.wait(0.1):
+                if not receiver.alive:
+                    break
+                if time.monotonic() > deadline:
+                    return False
+        return True
 
     def open_associations(self) -> list[int]:
         """Open associations of each live receiver, as the dispatcher counts them."""
@@ -83,12 +99,20 @@ class Dispatcher:
                 data = b""
             if not data:
                 break
+            stored = False
             with self._lock:
                 for byte in data:
                     if byte == ord("r"):
                         receiver.ready.set()
                     elif byte == ord("d"):
                         receiver.open_associations = max(0, receiver.open_associations - 1)
+                    elif byte == ord("s"):
+                        stored = True
+            if stored and self.on_stored is not None:
+                try:
+                    self.on_stored()
+                except Exception:
+                    log.exception("on_stored hook failed")
         with self._lock:
             receiver.alive = False
         if not self._closed:
