@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from sqlite3 import Error as _DriverError
 from typing import Any
 
 from alembic import command
@@ -217,6 +218,11 @@ class SqlIndex:
         self._group_pending: list[_PendingClaim] = []
         self._claim_of = _Prepared(_SELECT_CLAIM, engine)
         self._claim_context = _Prepared(_SELECT_CLAIM_CONTEXT, engine)
+        self._raw_claim = _RawInsert(claims, engine, [c.name for c in claims.columns])
+        self._raw_outbox = _RawInsert(outbox, engine,
+                                      ["routing_key", "payload", "created_at", "attempts"])
+        self._raw_study_patient = _RawInsert(study_patients, engine,
+                                             [c.name for c in study_patients.columns])
         self._search_statements: dict[Any, Select[Any]] = {}
         """Search statements by form of query (``_Search.run``)."""
         self._revision_of = {key: _Prepared(stmt, engine)
@@ -266,29 +272,60 @@ class SqlIndex:
         return item.outcome
 
     def _claim_group(self, group: list[_PendingClaim]) -> None:
+        """One transaction for the group, on the driver's connection (SQLite only:
+        every received instance passes here, and SQLAlchemy's per-statement work
+        cost more than the statements); each claim in its own savepoint."""
         try:
-            with self._write() as conn:
-                for item in group:
+            with self._sqlite_write:
+                raw = self.engine.raw_connection()
+                try:
+                    cursor = raw.cursor()
+                    cursor.execute("BEGIN IMMEDIATE")
                     try:
-                        with conn.begin_nested():
-                            item.outcome = self._claim(conn, item.claim)
-                            if item.outcome is ClaimOutcome.NEW:
-                                conn.execute(_INSERT_OUTBOX, {
-                                    "routing_key": item.event.routing_key,
-                                    "payload": encode_event(item.event),
-                                    "created_at": _now(), "attempts": 0})
-                    except (ConflictError, Unavailable) as exc:
-                        item.error = exc
-        except (_SAError, Unavailable) as exc:
+                        for item in group:
+                            self._claim_raw(cursor, item)
+                        cursor.execute("COMMIT")
+                    except BaseException:
+                        cursor.execute("ROLLBACK")
+                        raise
+                finally:
+                    raw.close()
+        except (_SAError, _DriverError, Unavailable) as exc:
             # Nothing of the group is durable: every claim answers "retry".
             failure = exc if isinstance(exc, Unavailable) else Unavailable(
                 f"index database: {exc}")
             for item in group:
                 if not isinstance(item.error, ConflictError):
                     item.error = failure
+                    item.outcome = None
         finally:
             for item in group:
                 item.done = True
+
+    def _claim_raw(self, cursor: Any, item: _PendingClaim) -> None:
+        claim = item.claim
+        cursor.execute("SAVEPOINT claim")
+        try:
+            outcome, new_study = self._decide(
+                self._claim_context.first_raw(cursor, sop=claim.sop_instance_uid,
+                                              series=claim.series_instance_uid,
+                                              study=claim.study_instance_uid), claim)
+            if outcome is ClaimOutcome.NEW:
+                if new_study:
+                    self._raw_study_patient.run(cursor, {
+                        "study_instance_uid": claim.study_instance_uid,
+                        "patient_id": claim.patient_id,
+                        "issuer_of_patient_id": claim.issuer_of_patient_id})
+                self._raw_claim.run(cursor, {**claim.model_dump(), "claimed_at": _now()})
+                self._raw_outbox.run(cursor, {
+                    "routing_key": item.event.routing_key,
+                    "payload": encode_event(item.event), "created_at": _now(),
+                    "attempts": 0})
+            item.outcome = outcome
+        except (ConflictError, Unavailable) as exc:
+            cursor.execute("ROLLBACK TO claim")
+            item.error = exc
+        cursor.execute("RELEASE claim")
 
     def _claim_alone(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
         for attempt in range(_CLAIM_ATTEMPTS):
@@ -317,26 +354,29 @@ class SqlIndex:
 
     def _check(self, conn: Connection, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
         """(NEW or DUPLICATE, whether the study is new); ConflictError on a conflict."""
-        known = self._claim_context.first(conn, sop=claim.sop_instance_uid,
-                                          series=claim.series_instance_uid,
-                                          study=claim.study_instance_uid)
-        if known.dataset_sha256 is not None:
-            if known.dataset_sha256 == claim.dataset_sha256:
+        return self._decide(self._claim_context.first(
+            conn, sop=claim.sop_instance_uid, series=claim.series_instance_uid,
+            study=claim.study_instance_uid), claim)
+
+    def _decide(self, known: Any, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
+        """``_check`` given the claim context row (a Row or the driver's tuple)."""
+        dataset_sha256, series_study, owner_patient_id, owner_issuer = known
+        if dataset_sha256 is not None:
+            if dataset_sha256 == claim.dataset_sha256:
                 return ClaimOutcome.DUPLICATE, False
             raise ConflictError(
                 ConflictKind.SOP_INSTANCE,
                 "SOP Instance UID already stored with different content",
             )
-        if known.series_study is not None and known.series_study != claim.study_instance_uid:
+        if series_study is not None and series_study != claim.study_instance_uid:
             # Filed under the series' study it would join another study (and maybe
             # another patient): UIDs are unique, so one of the two is wrong.
             raise ConflictError(
                 ConflictKind.SERIES, "Series Instance UID belongs to another study")
-        new_study = known.owner_patient_id is None
-        if not new_study and (known.owner_patient_id, known.owner_issuer_of_patient_id) != (
-            claim.patient_id,
-            claim.issuer_of_patient_id,
-        ) and corrections.current_identity(conn, claim.study_instance_uid) != (
+        new_study = owner_patient_id is None
+        if not new_study and (owner_patient_id, owner_issuer) != (
+            claim.patient_id, claim.issuer_of_patient_id,
+        ) and self._current_identity(claim.study_instance_uid) != (
             claim.patient_id, claim.issuer_of_patient_id,
         ):
             # Received under one identity, corrected or merged to another: either is
@@ -346,11 +386,26 @@ class SqlIndex:
             )
         return ClaimOutcome.NEW, new_study
 
+    def _current_identity(self, study_instance_uid: str) -> tuple[str, str] | None:
+        # Corrections commit under the same write lock as claims: a connection of
+        # its own reads what the claim's transaction would.
+        with self.engine.connect() as conn:
+            return corrections.current_identity(conn, study_instance_uid)
+
     def check_claim(self, claim: InstanceClaim) -> ClaimOutcome:
         try:
+            if self.dialect == "sqlite":  # on the driver, as claims are (_claim_group)
+                raw = self.engine.raw_connection()
+                try:
+                    known = self._claim_context.first_raw(
+                        raw.cursor(), sop=claim.sop_instance_uid,
+                        series=claim.series_instance_uid, study=claim.study_instance_uid)
+                finally:
+                    raw.close()
+                return self._decide(known, claim)[0]
             with self.engine.connect() as conn:
                 return self._check(conn, claim)[0]
-        except _SAError as exc:
+        except (_SAError, _DriverError) as exc:
             raise Unavailable(f"index database: {exc}") from exc
 
     def _claim(self, conn: Connection, claim: InstanceClaim, check_only: bool = False
@@ -781,10 +836,35 @@ class _Prepared:
         self._sql = str(self._compiled)
 
     def first(self, conn: Connection, **values: Any) -> Any:
+        return conn.exec_driver_sql(self._sql, self._args(values)).first()
+
+    def first_raw(self, cursor: Any, **values: Any) -> Any:
+        """The first row as the driver's tuple, on a DBAPI cursor."""
+        return cursor.execute(self._sql, self._args(values)).fetchone()
+
+    def _args(self, values: dict[str, Any]) -> Any:
         params = self._compiled.construct_params(values)
-        args: Any = (tuple(params[name] for name in self._compiled.positiontup or ())
-                     if self._compiled.positional else params)
-        return conn.exec_driver_sql(self._sql, args).first()
+        return (tuple(params[name] for name in self._compiled.positiontup or ())
+                if self._compiled.positional else params)
+
+
+class _RawInsert:
+    """An insert of whole rows compiled once and run on the driver's cursor, each value
+    converted by its column type as SQLAlchemy would (SQLite's store path: a claim
+    costs 0.8 ms of CPU through ``Connection.execute``, 0.15 ms this way)."""
+
+    def __init__(self, table: Any, engine: Engine, columns: Sequence[str]) -> None:
+        self.columns = tuple(columns)
+        self.sql = str(table.insert().values(
+            {name: bindparam(name) for name in self.columns}).compile(dialect=engine.dialect))
+        self._convert = [table.c[name].type.bind_processor(engine.dialect)
+                         for name in self.columns]
+
+    def run(self, cursor: Any, values: Mapping[str, Any]) -> None:
+        cursor.execute(self.sql, tuple(
+            value if convert is None or value is None else convert(value)
+            for convert, value in zip(self._convert,
+                                      (values[name] for name in self.columns), strict=True)))
 
 
 class SqliteWriteLock:
