@@ -17,10 +17,14 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import BinaryIO
 
 import pydicom
 from pydicom.dataelem import RawDataElement
+from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from vna import metrics
 from vna.dicom.header import extract_record
@@ -80,6 +84,8 @@ class Framed:
     dataset_sha256: str
     size: int
     transfer_syntax_uid: str
+    dataset_offset: int
+    """Where the data set starts: the length of VNA's own File Meta before it."""
 
 
 _CONFLICT_FAILURE = {
@@ -241,7 +247,8 @@ class Staging:
             raise StoreError(StoreFailure.UNREADABLE, "empty data set")
         return Framed(blob_key=BlobKey(self._whole.hexdigest()),
                       dataset_sha256=self._dataset.hexdigest(), size=self.size,
-                      transfer_syntax_uid=self.transfer_syntax_uid)
+                      transfer_syntax_uid=self.transfer_syntax_uid,
+                      dataset_offset=self._meta_size)
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -293,7 +300,7 @@ def _validate(framed: Path, received: Received, framing: Framed
             # Defer large values: read every element header, never pixel data.
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                ds = pydicom.dcmread(fp, defer_size=1024)
+                ds = _read_dataset(fp, framing)
             if any("End of file" in str(w.message) for w in caught):
                 raise StoreError(StoreFailure.UNREADABLE, "data set is truncated")
             for elem in ds._dict.values():
@@ -339,6 +346,21 @@ def _validate(framed: Path, received: Received, framing: Framed
         issuer_of_patient_id=values["IssuerOfPatientID"], transfer_syntax_uid=ts,
         blob_key=blob_key, dataset_sha256=framing.dataset_sha256, size=size,
     ), record
+
+
+def _read_dataset(fp: BinaryIO, framing: Framed) -> pydicom.Dataset:
+    """The data set of a staged file, every element header read, large values deferred.
+
+    The File Meta before it is VNA's own (``Staging``), its length and transfer
+    syntax known: reading it again would cost a quarter of the parse."""
+    ts = framing.transfer_syntax_uid
+    if ts == DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(fp, defer_size=1024)  # pydicom inflates it
+    implicit, little = ts == ImplicitVRLittleEndian, ts != ExplicitVRBigEndian
+    fp.seek(framing.dataset_offset)
+    dataset = read_dataset(fp, implicit, little, defer_size=1024)
+    # A FileDataset knows its file: deferred values are read from it when asked for.
+    return FileDataset(fp, dataset, None, FileMetaDataset(), implicit, little)
 
 
 def _record_values(record: IndexRecord) -> dict[str, str]:

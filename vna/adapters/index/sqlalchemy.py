@@ -6,6 +6,7 @@ backend-neutral ``vna.dicom.matching.Query`` objects and are translated here.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -223,6 +224,7 @@ class SqlIndex:
                                       ["routing_key", "payload", "created_at", "attempts"])
         self._raw_study_patient = _RawInsert(study_patients, engine,
                                              [c.name for c in study_patients.columns])
+        self._store_connections = _DriverConnections(engine)
         self._search_statements: dict[Any, Select[Any]] = {}
         """Search statements by form of query (``_Search.run``)."""
         self._revision_of = {key: _Prepared(stmt, engine)
@@ -276,20 +278,15 @@ class SqlIndex:
         every received instance passes here, and SQLAlchemy's per-statement work
         cost more than the statements); each claim in its own savepoint."""
         try:
-            with self._sqlite_write:
-                raw = self.engine.raw_connection()
+            with self._sqlite_write, self._store_connections.cursor() as cursor:
+                cursor.execute("BEGIN IMMEDIATE")
                 try:
-                    cursor = raw.cursor()
-                    cursor.execute("BEGIN IMMEDIATE")
-                    try:
-                        for item in group:
-                            self._claim_raw(cursor, item)
-                        cursor.execute("COMMIT")
-                    except BaseException:
-                        cursor.execute("ROLLBACK")
-                        raise
-                finally:
-                    raw.close()
+                    for item in group:
+                        self._claim_raw(cursor, item)
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
         except (_SAError, _DriverError, Unavailable) as exc:
             # Nothing of the group is durable: every claim answers "retry".
             failure = exc if isinstance(exc, Unavailable) else Unavailable(
@@ -395,13 +392,10 @@ class SqlIndex:
     def check_claim(self, claim: InstanceClaim) -> ClaimOutcome:
         try:
             if self.dialect == "sqlite":  # on the driver, as claims are (_claim_group)
-                raw = self.engine.raw_connection()
-                try:
+                with self._store_connections.cursor() as cursor:
                     known = self._claim_context.first_raw(
-                        raw.cursor(), sop=claim.sop_instance_uid,
+                        cursor, sop=claim.sop_instance_uid,
                         series=claim.series_instance_uid, study=claim.study_instance_uid)
-                finally:
-                    raw.close()
                 return self._decide(known, claim)[0]
             with self.engine.connect() as conn:
                 return self._check(conn, claim)[0]
@@ -701,6 +695,7 @@ class SqlIndex:
             raise Unavailable(f"index database: {exc}") from exc
 
     def close(self) -> None:
+        self._store_connections.close()
         self.engine.dispose()
 
 
@@ -865,6 +860,39 @@ class _RawInsert:
             value if convert is None or value is None else convert(value)
             for convert, value in zip(self._convert,
                                       (values[name] for name in self.columns), strict=True)))
+
+
+class _DriverConnections:
+    """The SQLite store path's own connections, taken from the engine (its settings
+    applied) and kept aside: the pool's check-out and reset cost as much as a claim.
+    A connection that failed is dropped, not reused."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._free: list[Any] = []
+
+    @contextlib.contextmanager
+    def cursor(self) -> Iterator[Any]:
+        try:
+            connection = self._free.pop()  # atomic: no lock needed
+        except IndexError:
+            fairy = self._engine.raw_connection()
+            connection = fairy.driver_connection
+            fairy.detach()  # ours now; the pool forgets it
+        cursor = connection.cursor()
+        try:
+            yield cursor
+        except BaseException:
+            with contextlib.suppress(Exception):
+                connection.close()
+            raise
+        cursor.close()
+        self._free.append(connection)
+
+    def close(self) -> None:
+        while self._free:
+            with contextlib.suppress(Exception):
+                self._free.pop().close()
 
 
 class SqliteWriteLock:
