@@ -236,6 +236,10 @@ class _Association:
     def run(self) -> None:
         self._accept()
         wire = cast(BinaryIO, self.conn.makefile("rb", buffering=1 << 18))
+        # One buffer for the association's PDUs: each is consumed (hashed, written)
+        # before the next is read, and a fresh 128 kB object per PDU costs the
+        # allocator fresh pages each time.
+        buffer = bytearray(1 << 17)
         try:
             while True:
                 head = wire.read(6)
@@ -245,7 +249,9 @@ class _Association:
                 if length > MAX_PDU_LENGTH:
                     self._abort(reason=0x06)
                     raise ProtocolError(f"PDU of {length} bytes")
-                body = _read(wire, length)
+                if length > len(buffer):
+                    buffer = bytearray(length)
+                body = _read_into(wire, memoryview(buffer)[:length])
                 if kind == P_DATA_TF_PDU:
                     self._p_data(body)
                 elif kind == A_RELEASE_RQ_PDU:
@@ -428,11 +434,15 @@ class _PendingStore:
             self.staging = None
 
 
-def _read(wire: BinaryIO, length: int) -> memoryview:
-    data = wire.read(length)
-    if len(data) < length:
-        raise ProtocolError("connection closed inside a PDU")
-    return memoryview(data)
+def _read_into(wire: BinaryIO, view: memoryview) -> memoryview:
+    """Fill ``view`` from the wire (readinto may return less than asked for)."""
+    filled = 0
+    while filled < len(view):
+        count = wire.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not count:
+            raise ProtocolError("connection closed inside a PDU")
+        filled += count
+    return view
 
 
 def _decode_command(raw: bytes) -> dict[int, bytes]:
