@@ -49,8 +49,10 @@ class InstanceClaim(Frozen):
     issuer_of_patient_id: str = ""
     transfer_syntax_uid: str
     blob_key: BlobKey
-    dataset_sha256: str
-    """SHA-256 of the data set alone: framing-independent identity of the content."""
+    dataset_sha256: str = ""
+    """SHA-256 of the data set alone, in claims recorded by earlier versions; empty now. The
+    framing around a data set is deterministic (``vna.dicom.part10``), so for one SOP
+    Instance UID the blob key identifies the data set: equal keys, same content."""
     size: int
 
 

@@ -73,6 +73,32 @@ def test_conflicts_are_refused(index: SqlIndex) -> None:
     assert index.find_claim(intruder.sop_instance_uid) is None
 
 
+def test_the_blob_key_tells_a_resend_from_a_conflict(index: SqlIndex) -> None:
+    # Claims carry no data set hash now: the framing is deterministic, so another
+    # blob key under the same SOP Instance UID is other content.
+    claim, event = _claim()
+    claim = claim.model_copy(update={"dataset_sha256": ""})
+    assert index.claim(claim, event) is ClaimOutcome.NEW
+    assert index.check_claim(claim) is ClaimOutcome.DUPLICATE
+    other = claim.model_copy(update={"blob_key": BlobKey("c" * 64)})
+    with pytest.raises(ConflictError) as err:
+        index.check_claim(other)
+    assert err.value.kind is ConflictKind.SOP_INSTANCE
+    with pytest.raises(ConflictError):
+        index.claim(other, event)
+    assert index.outbox_depth() == 1
+
+
+def test_a_claim_with_a_data_set_hash_matches_on_it(index: SqlIndex) -> None:
+    # Claims recorded by earlier versions hold the data set's hash: the same data set framed
+    # otherwise is still the same instance.
+    claim, event = _claim()
+    index.claim(claim, event)
+    reframed = claim.model_copy(update={"blob_key": BlobKey("d" * 64)})
+    assert index.claim(reframed, event) is ClaimOutcome.DUPLICATE
+    assert index.find_claim(claim.sop_instance_uid) == claim
+
+
 def test_a_series_belongs_to_one_study(index: SqlIndex) -> None:
     claim, event = _claim()
     index.claim(claim, event)

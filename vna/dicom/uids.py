@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+# Part of every stored file's File Meta (vna.dicom.part10): for one SOP Instance UID
+# the blob key is what tells a resend from a conflicting instance, so changing either
+# value makes every resend of an earlier instance look like a conflict.
 IMPLEMENTATION_CLASS_UID = "2.25.254909517806440468250463924709282119819"
 IMPLEMENTATION_VERSION_NAME = "VNA_010"
 

@@ -9,7 +9,6 @@ come out as they were.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -100,17 +99,13 @@ def _index_blob(key: BlobKey, *, blobs: BlobStore, index: Index,
     ds, record = read_blob_record(key, blobs, extended=extended)
     with blobs.open(key) as fp:
         header = read_header(fp)
-        digest = hashlib.sha256()
-        while chunk := fp.read(1 << 20):
-            digest.update(chunk)
     claim = InstanceClaim(
         sop_instance_uid=str(ds.SOPInstanceUID), sop_class_uid=str(ds.SOPClassUID),
         study_instance_uid=str(ds.StudyInstanceUID),
         series_instance_uid=str(ds.SeriesInstanceUID),
         patient_id=str(ds.get("PatientID", "") or ""),
         issuer_of_patient_id=str(ds.get("IssuerOfPatientID", "") or ""),
-        transfer_syntax_uid=header.transfer_syntax_uid, blob_key=key,
-        dataset_sha256=digest.hexdigest(), size=record.size,
+        transfer_syntax_uid=header.transfer_syntax_uid, blob_key=key, size=record.size,
     )
     try:
         index.claim(claim, stored_event(claim, "reindex"))

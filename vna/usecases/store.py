@@ -78,10 +78,9 @@ class Received:
 
 @dataclass(frozen=True)
 class Framed:
-    """What a ``Staging`` learnt while writing: the blob key, the data set's own hash."""
+    """What a ``Staging`` learnt while writing: the blob key, where the data set starts."""
 
     blob_key: BlobKey
-    dataset_sha256: str
     size: int
     transfer_syntax_uid: str
     dataset_offset: int
@@ -201,7 +200,7 @@ def _unlink(path: Path) -> None:
 
 class Staging:
     """A staging file being framed: VNA's File Meta, then the data set as it
-    arrives, hashed as it is written (the blob key and the data set's own hash).
+    arrives, hashed as it is written (the blob key).
 
     Both ways in write through it: ``_frame`` copying a received file, and the
     DIMSE storage receiver writing P-DATA fragments straight off the socket."""
@@ -218,7 +217,6 @@ class Staging:
         self.transfer_syntax_uid = transfer_syntax_uid
         self._meta_size = len(meta)
         self._whole = hashlib.sha256(meta)
-        self._dataset = hashlib.sha256()
         self.size = len(meta)
         fd, name = tempfile.mkstemp(prefix="in-", suffix=".dcm", dir=staging_dir)
         self.path = Path(name)
@@ -231,7 +229,6 @@ class Staging:
 
     def write(self, chunk: bytes | memoryview) -> None:
         self._whole.update(chunk)
-        self._dataset.update(chunk)
         self._out.write(chunk)
         self.size += len(chunk)
 
@@ -245,8 +242,7 @@ class Staging:
         if self.size == self._meta_size:
             self.discard()
             raise StoreError(StoreFailure.UNREADABLE, "empty data set")
-        return Framed(blob_key=BlobKey(self._whole.hexdigest()),
-                      dataset_sha256=self._dataset.hexdigest(), size=self.size,
+        return Framed(blob_key=BlobKey(self._whole.hexdigest()), size=self.size,
                       transfer_syntax_uid=self.transfer_syntax_uid,
                       dataset_offset=self._meta_size)
 
@@ -344,7 +340,7 @@ def _validate(framed: Path, received: Received, framing: Framed
         study_instance_uid=values["StudyInstanceUID"],
         series_instance_uid=values["SeriesInstanceUID"], patient_id=values["PatientID"],
         issuer_of_patient_id=values["IssuerOfPatientID"], transfer_syntax_uid=ts,
-        blob_key=blob_key, dataset_sha256=framing.dataset_sha256, size=size,
+        blob_key=blob_key, size=size,
     ), record
 
 

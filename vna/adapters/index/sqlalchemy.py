@@ -168,13 +168,16 @@ def migrate(engine: Engine) -> None:
 
 # The store path's statements, built once: building a statement costs more than
 # running it, and this runs for every instance received.
-_SELECT_CLAIM = select(claims.c.dataset_sha256).where(
+_SELECT_CLAIM = select(claims.c.blob_key).where(
+    claims.c.sop_instance_uid == bindparam("sop"))
+_SELECT_CLAIM_DATASET = select(claims.c.dataset_sha256).where(
     claims.c.sop_instance_uid == bindparam("sop"))
 _SELECT_SERIES_STUDY = select(claims.c.study_instance_uid).where(
     claims.c.series_instance_uid == bindparam("series")).limit(1)
 # What deciding a claim needs, in one round trip (a NULL: nothing there yet).
 _SELECT_CLAIM_CONTEXT = select(
-    _SELECT_CLAIM.scalar_subquery().label("dataset_sha256"),
+    _SELECT_CLAIM.scalar_subquery().label("blob_key"),
+    _SELECT_CLAIM_DATASET.scalar_subquery().label("dataset_sha256"),
     _SELECT_SERIES_STUDY.scalar_subquery().label("series_study"),
     *(select(column).where(study_patients.c.study_instance_uid == bindparam("study"))
       .scalar_subquery().label(f"owner_{column.name}")
@@ -357,9 +360,11 @@ class SqlIndex:
 
     def _decide(self, known: Any, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
         """``_check`` given the claim context row (a Row or the driver's tuple)."""
-        dataset_sha256, series_study, owner_patient_id, owner_issuer = known
-        if dataset_sha256 is not None:
-            if dataset_sha256 == claim.dataset_sha256:
+        blob_key, dataset_sha256, series_study, owner_patient_id, owner_issuer = known
+        if blob_key is not None:
+            # The same bytes, or (claims of earlier versions) the same data set.
+            if blob_key == claim.blob_key or (
+                    dataset_sha256 and dataset_sha256 == claim.dataset_sha256):
                 return ClaimOutcome.DUPLICATE, False
             raise ConflictError(
                 ConflictKind.SOP_INSTANCE,
