@@ -28,6 +28,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO, cast
@@ -232,8 +233,18 @@ class _Association:
         self.accepted: dict[int, PresentationContext] = {}
         self.command = bytearray()
         self.pending: _PendingStore | None = None
+        self.stored = self.failed = 0
 
     def run(self) -> None:
+        started = time.monotonic()
+        try:
+            self._run()
+        finally:
+            log.info("storage association ended", extra={
+                "source_ae": self.calling_ae, "stored": self.stored, "failed": self.failed,
+                "seconds": round(time.monotonic() - started, 3)})
+
+    def _run(self) -> None:
         self._accept()
         wire = cast(BinaryIO, self.conn.makefile("rb", buffering=1 << 18))
         # One buffer for the association's PDUs: each is consumed (hashed, written)
@@ -363,6 +374,10 @@ class _Association:
             except Exception:
                 log.exception("C-STORE failed")
                 code, comment = PROCESSING_FAILURE, "internal error, see the archive's log"
+            if code == status.SUCCESS:
+                self.stored += 1
+            else:
+                self.failed += 1
             self._respond(context_id, _response(C_STORE_RSP, pending.command, code, comment))
 
     def _respond(self, context_id: int, command: bytes) -> None:

@@ -6,6 +6,7 @@ too; these pin down the protocol edges: routing, fragmentation, aborts, limits."
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import struct
 import threading
@@ -160,7 +161,8 @@ def test_small_pdus_fragment_data_set_and_command(core: Core) -> None:
         scp.close()
 
 
-def test_refusals_keep_the_association(scp: Scp, core: Core) -> None:
+def test_refusals_keep_the_association(scp: Scp, core: Core,
+                                       caplog: pytest.LogCaptureFixture) -> None:
     ds = ct_instance()
     bad = ct_instance()
     bad.SOPInstanceUID = "1.2.abc"
@@ -175,8 +177,13 @@ def test_refusals_keep_the_association(scp: Scp, core: Core) -> None:
     assert rsp.Status == status.DUPLICATE_SOP_INSTANCE_CONFLICT
     assert rsp.ErrorComment
     assert assoc.is_established
-    assoc.release()
+    with caplog.at_level(logging.INFO, logger="vna.ingest.storage"):
+        assoc.release()
+        assert scp.ended.acquire(timeout=10)
     assert len(list(core.blobs.keys())) == 1
+    # One line per association for the operator: who sent, how many stored, refused.
+    ended = [r for r in caplog.records if r.getMessage() == "storage association ended"]
+    assert [(r.source_ae, r.stored, r.failed) for r in ended] == [("MODALITY", 1, 2)]
 
 
 def test_other_services_go_to_pynetdicom(scp: Scp) -> None:
