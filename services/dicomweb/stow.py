@@ -43,9 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +72,14 @@ from vna.dicom import status
 from vna.dicom.json_instance import BulkPart, JsonInstanceError, json_uids, write_instance
 from vna.dicom.part10 import MAGIC, PREAMBLE, NotPart10Error, read_header
 from vna.dicom.uids import is_valid_uid
-from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
+from vna.usecases.store import (
+    Framed,
+    Received,
+    Staging,
+    StoreError,
+    StoreFailure,
+    store_instance,
+)
 
 log = logging.getLogger("vna.dicomweb.stow")
 router = APIRouter()
@@ -114,7 +123,14 @@ _PARTS_IN_FLIGHT = 8
 
 
 class _PartFile:
-    """The staging file one part's body is written to.
+    """Where one application/dicom part's body goes as it arrives.
+
+    Its File Meta is read from the first bytes; the data set after it then goes
+    straight into a ``Staging`` (VNA's File Meta, the data set, hashed as written),
+    the file ``store_instance`` takes over as it is, as for C-STORE: one write of
+    the bytes, not a part file and then a framed copy of it. A part whose head
+    is not a usable File Meta is kept as it came, for ``store_instance`` to frame
+    or refuse with its reason.
 
     Some clients (dicomweb-client through pydicom's ``dcmwrite`` of a data set
     built in memory) send the File Meta group without the 128-byte preamble and
@@ -122,58 +138,110 @@ class _PartFile:
     """
 
     _HEAD = len(PREAMBLE) + len(MAGIC)
+    _META_ROOM = 1 << 14
+    """The File Meta must be within this many bytes to be framed as it arrives."""
 
     def __init__(self, directory: Path) -> None:
-        fd, name = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=directory)
-        self.path = Path(name)
-        self.fp: BinaryIO = os.fdopen(fd, "wb")
+        self.directory = directory
+        self.path: Path | None = None
+        self.fp: BinaryIO | None = None
+        self.staging: Staging | None = None
+        self.framed: Framed | None = None
+        self.uids = ("", "")
+        """(SOP Class UID, SOP Instance UID) of its File Meta, for a failure report."""
         self._head: bytearray | None = bytearray()
 
     def write(self, data: bytes, /) -> int:
-        if self._head is None:
-            return self.fp.write(data)
-        self._head += data
-        if len(self._head) >= self._HEAD:
-            self._flush_head()
+        if self.staging is not None:
+            self.staging.write(data)
+        elif self.fp is not None:
+            self.fp.write(data)
+        else:
+            assert self._head is not None
+            self._head += data
+            if len(self._head) >= self._META_ROOM:
+                self._begin(final=False)
         return len(data)
 
-    def _flush_head(self) -> None:
+    def _begin(self, *, final: bool) -> None:
+        """Frame from here on when the head holds a whole File Meta, else keep it raw."""
         head, self._head = bytes(self._head or b""), None
         if head[128:132] != MAGIC and head[:2] == b"\x02\x00":
-            self.fp.write(PREAMBLE + MAGIC)
-        self.fp.write(head)
+            head = PREAMBLE + MAGIC + head
+        try:
+            header = read_header(io.BytesIO(head))
+            # read_header stops at the first element of another group: with less than
+            # a tag after its end the group may go on in bytes not here yet.
+            if header.dataset_offset + 4 > len(head) and not final:
+                raise NotPart10Error("File Meta longer than the head")
+            self.uids = (header.sop_class_uid, header.sop_instance_uid)
+            self.staging = Staging(self.directory, header.transfer_syntax_uid,
+                                   header.sop_class_uid, header.sop_instance_uid)
+        except (NotPart10Error, StoreError, ValueError, struct.error):
+            fd, name = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=self.directory)
+            self.path = Path(name)
+            self.fp = os.fdopen(fd, "wb")
+            self.fp.write(head)
+            return
+        self.path = self.staging.path
+        self.staging.write(memoryview(head)[header.dataset_offset:])
 
     def close(self) -> None:
         if self._head is not None:
-            self._flush_head()
-        self.fp.close()
+            self._begin(final=True)
+        if self.staging is not None:
+            staging, self.staging = self.staging, None
+            try:
+                self.framed = staging.finish()
+            except StoreError:
+                self.path = None  # discarded by finish(): stored as an empty part
+                raise
+        elif self.fp is not None:
+            self.fp.close()
+
+    def received(self, study: str | None) -> Received:
+        assert self.path is not None
+        return Received(path=self.path, framed=self.framed, study_instance_uid=study)
 
     def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self.fp.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
+        if self.staging is not None:
+            self.staging.discard()
+            self.staging = None
+        if self.fp is not None:
+            with contextlib.suppress(OSError):
+                self.fp.close()
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
-def _uids_of(path: Path) -> tuple[str, str]:
+def _uids_of(sink: _PartFile) -> tuple[str, str]:
     """(SOP Class UID, SOP Instance UID) from the File Meta, for the failure report."""
+    if sink.uids != ("", "") or sink.path is None:
+        return sink.uids
     try:
-        with open(path, "rb") as fp:
+        with open(sink.path, "rb") as fp:
             header = read_header(fp)
     except (NotPart10Error, OSError):
         return "", ""
     return header.sop_class_uid, header.sop_instance_uid
 
 
-def _store_part(path: Path, study: str | None, deps: Deps, staging: Path, root: str
+def _store_part(sink: _PartFile, study: str | None, deps: Deps, staging: Path, root: str
                 ) -> _Outcome:
+    if sink.path is None:  # a framed part that held nothing after its File Meta
+        return _Outcome(*sink.uids, stored=False, failure=StoreFailure.UNREADABLE,
+                        reason="empty data set")
+    return _store(sink.received(study), lambda: _uids_of(sink), deps, staging, root)
+
+
+def _store(received: Received, uids: Callable[[], tuple[str, str]], deps: Deps,
+           staging: Path, root: str) -> _Outcome:
     try:
-        result = store_instance(Received(path=path, study_instance_uid=study),
-                                blobs=deps.blobs, index=deps.index, staging_dir=staging)
+        result = store_instance(received, blobs=deps.blobs, index=deps.index,
+                                staging_dir=staging)
     except StoreError as exc:
-        sop_class, sop_uid = _uids_of(path)
-        return _Outcome(sop_class, sop_uid, stored=False, failure=exc.failure,
-                        reason=exc.reason)
+        return _Outcome(*uids(), stored=False, failure=exc.failure, reason=exc.reason)
     ref = result.ref
     return _Outcome(
         result.sop_class_uid, ref.sop_instance_uid, stored=True,
@@ -281,7 +349,8 @@ def _store_json_instance(obj: Any, bulk: dict[str, BulkPart], study: str | None,
             log.warning("refused JSON instance: %s", exc, extra={"sop_instance_uid": sop_uid})
             return _Outcome(sop_class, sop_uid, stored=False, failure=StoreFailure.UNREADABLE,
                             reason=str(exc))
-        return _store_part(path, study, deps, staging, root)
+        return _store(Received(path=path, study_instance_uid=study),
+                      lambda: (sop_class, sop_uid), deps, staging, root)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -340,6 +409,8 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
         try:
             sink.close()
             part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
+        except StoreError:
+            part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
         except BaseException:
             sink.discard()
             raise
@@ -361,7 +432,7 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
     async def store_part(sink: _PartFile, slot: int) -> None:
         try:
             outcomes[slot] = await run_in_threadpool(
-                _store_part, sink.path, study, deps, staging, root)
+                _store_part, sink, study, deps, staging, root)
         finally:
             sink.discard()
 

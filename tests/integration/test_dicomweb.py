@@ -31,7 +31,7 @@ from tests.support.processes import free_port, wait_for
 from vna.bootstrap import Deps, build
 from vna.cli import subscribe_indexer
 from vna.config import Settings
-from vna.dicom.part10 import read_header
+from vna.dicom.part10 import file_meta_bytes, read_header
 from vna.testing.synthetic import ct_instance
 from vna.usecases.relay import OutboxRelay
 
@@ -439,6 +439,39 @@ def test_stow_parts_fail_alone(web: Web) -> None:
                           headers={"Content-Type": content_type})
     assert conflict.status_code == 409
     assert Dataset.from_json(conflict.json()).FailedSOPSequence[0].FailureReason == 0xC001
+
+
+def test_stow_parts_are_framed_as_c_store_frames_them(web: Web) -> None:
+    # A part goes straight into the store path's staging file as it arrives (its own
+    # File Meta replaced by VNA's): the blob holds exactly the data set sent, framed as
+    # for C-STORE, whether or not the client sent the 128-byte preamble.
+    study = generate_uid()
+    ds = ct_instance(study_uid=study)
+    part10 = encode(ds)
+    without_preamble = part10[132:]
+    empty = ct_instance(study_uid=study)
+    meta_only = encode(empty)
+    meta_only = meta_only[:read_header(io.BytesIO(meta_only)).dataset_offset]
+    body, content_type = stow_body([("application/dicom", without_preamble),
+                                    ("application/dicom", meta_only)])
+    r = httpx.post(f"{web.root}/studies/{study}", content=body,
+                   headers={"Content-Type": content_type})
+    assert r.status_code == 202
+    result = Dataset.from_json(r.json())
+    assert [i.ReferencedSOPInstanceUID for i in result.ReferencedSOPSequence] == \
+        [ds.SOPInstanceUID]
+    # The part with nothing after its File Meta fails alone, named by its UIDs.
+    failed = result.FailedSOPSequence[0]
+    assert failed.FailureReason == 0xC000
+    assert failed.ReferencedSOPInstanceUID == empty.SOPInstanceUID
+    claim = web.deps.index.find_claim(ds.SOPInstanceUID)
+    assert claim is not None
+    with web.deps.blobs.open(claim.blob_key) as fp:
+        stored = fp.read()
+    ts = str(ds.file_meta.TransferSyntaxUID)
+    assert stored == file_meta_bytes(ts, ds.SOPClassUID, ds.SOPInstanceUID) + \
+        dataset_bytes(part10)
+    assert list(web.deps.staging_dir().iterdir()) == []  # nothing left behind
 
 
 def test_stow_rejects_what_is_not_multipart_dicom(web: Web) -> None:
