@@ -28,7 +28,15 @@ def parse_content_type(value: str) -> tuple[str, dict[str, str]]:
 
 
 class PartSink(Protocol):
-    def write(self, data: bytes, /) -> int: ...
+    def write(self, data: bytes | memoryview, /) -> int:
+        """Take ``data`` now: it is a view of the reader's buffer, valid for the call."""
+        ...
+
+
+def _emit(sink: PartSink, buf: bytearray, end: int) -> None:
+    """Hand ``buf[:end]`` to ``sink`` without copying it (twice, as bytes(buf[:end]) did)."""
+    with memoryview(buf) as view, view[:end] as piece:
+        sink.write(piece)
 
 
 @dataclass
@@ -85,7 +93,7 @@ async def read_parts(
                 if at < 0:
                     # Keep a tail that may hold the beginning of the delimiter.
                     if state == "body" and sink is not None and len(buf) > keep:
-                        sink.write(bytes(buf[: len(buf) - keep]))
+                        _emit(sink, buf, len(buf) - keep)
                         del buf[: len(buf) - keep]
                     elif state == "preamble" and len(buf) > keep:
                         del buf[: len(buf) - keep]
@@ -93,7 +101,7 @@ async def read_parts(
                 if len(buf) < at + len(delimiter) + 2:
                     break  # need the two bytes after the delimiter
                 if state == "body" and sink is not None:
-                    sink.write(bytes(buf[:at]))
+                    _emit(sink, buf, at)
                 await finish_part()
                 after = bytes(buf[at + len(delimiter): at + len(delimiter) + 2])
                 del buf[: at + len(delimiter) + 2]

@@ -151,7 +151,7 @@ class _PartFile:
         """(SOP Class UID, SOP Instance UID) of its File Meta, for a failure report."""
         self._head: bytearray | None = bytearray()
 
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | memoryview, /) -> int:
         if self.staging is not None:
             self.staging.write(data)
         elif self.fp is not None:
@@ -286,7 +286,7 @@ class _BulkFile:
         self.path = Path(name)
         self.fp: BinaryIO = os.fdopen(fd, "wb")
 
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | memoryview, /) -> int:
         return self.fp.write(data)
 
     def close(self) -> None:
@@ -308,7 +308,7 @@ class _JsonBuffer:
         self.data = bytearray()
         self.too_large = False
 
-    def write(self, data: bytes, /) -> int:
+    def write(self, data: bytes | memoryview, /) -> int:
         if len(self.data) + len(data) > self.LIMIT:
             self.too_large = True
         else:
