@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from vna.bootstrap import Deps, build
@@ -179,7 +180,6 @@ def cmd_run(settings: Settings) -> int:
     # First: what is imported next imports prometheus_client.
     metrics_dir = _use_multiprocess_metrics(
         max(_http_workers(settings), _ingest_workers(settings)))
-    from services.ingest.scp import start_dimse, stop_dimse
     from vna.usecases.relay import OutboxRelay
 
     deps = build(settings)
@@ -190,27 +190,11 @@ def cmd_run(settings: Settings) -> int:
     backfill = start_backfill(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
-    registrars = _registrars()
-    workers = _ingest_workers(settings)
-    # With several receiver processes, receiving is not bound to one GIL; this
-    # process accepts, hands each association to the least busy receiver, and
-    # keeps to indexing and HTTP, which would otherwise slow its receivers.
-    dimse = dispatcher = None
-    extra: list[Any] = []
-    if workers == 1:
-        dimse = start_dimse(deps, on_stored=relay.wake, registrars=registrars)
-    else:
-        from vna.dispatch import Dispatcher
-
-        dispatcher = Dispatcher(settings.bind, settings.dimse_port)
-        extra = [_spawn_worker(dispatcher.add_receiver()) for _ in range(workers)]
+    receivers = Receivers(settings, deps, on_stored=relay.wake)
     # STOW-RS wakes the relay as C-STORE does (from a worker process: over its channel).
     # HTTP workers start while the receivers do.
     http = HttpFront(deps, stop, on_stored=relay.wake)
-    if dispatcher is not None:
-        dispatcher.start()
-        if not dispatcher.wait_ready(timeout=90):
-            raise SystemExit("the receiver processes did not start")
+    receivers.start()
     http.wait_ready()
     log.info("VNA running", extra={"ae_title": settings.ae_title, "dimse_port":
                                    settings.dimse_port, "http_port": settings.http_port,
@@ -218,20 +202,12 @@ def cmd_run(settings: Settings) -> int:
     print(f"VNA ready: DIMSE {settings.ae_title}@{settings.bind}:{settings.dimse_port}, "
           f"HTTP http://{settings.bind}:{settings.http_port}/dicomweb", flush=True)
     while not stop.wait(1.0):
-        if dispatcher is not None:
-            _replace_exited(extra, dispatcher)
+        receivers.check()
         http.check()
     print("VNA stopping", flush=True)
     if hl7 is not None:
         hl7.stop()
-    if dispatcher is not None:
-        dispatcher.close()
-    for proc in extra:
-        proc.terminate()
-    for proc in extra:
-        proc.wait(timeout=15)
-    if dimse is not None:
-        stop_dimse(dimse)
+    receivers.stop()
     http.stop()
     backfill.stop()
     relay.stop()
@@ -249,6 +225,51 @@ def _start_worklist(deps: Deps) -> Any:
         return None
     subscribe_binder(deps)
     return start_hl7(deps)
+
+
+class Receivers:
+    """This process's DIMSE port: served here, or, with several receivers
+    (``VNA_INGEST_WORKERS``), by receiver processes this one accepts for, each
+    association handed to the least busy. Receiving is then not bound to one GIL;
+    a receiver that dies is replaced (``check``)."""
+
+    def __init__(self, settings: Settings, deps: Deps, *,
+                 on_stored: Callable[[], None]) -> None:
+        from services.ingest.scp import start_dimse
+        from vna.dispatch import Dispatcher
+
+        self.dimse: Any = None
+        self.dispatcher: Any = None
+        self.processes: list[Any] = []
+        workers = _ingest_workers(settings)
+        if workers == 1:
+            self.dimse = start_dimse(deps, on_stored=on_stored, registrars=_registrars())
+            return
+        # Receivers report each instance stored: the relay here publishes it at once.
+        self.dispatcher = Dispatcher(settings.bind, settings.dimse_port, on_stored=on_stored)
+        self.processes = [_spawn_worker(self.dispatcher.add_receiver()) for _ in range(workers)]
+
+    def start(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.start()
+            if not self.dispatcher.wait_ready(timeout=90):
+                raise SystemExit("the receiver processes did not start")
+
+    def check(self) -> None:
+        if self.dispatcher is not None:
+            _replace_exited(self.processes, self.dispatcher)
+
+    def stop(self) -> None:
+        from services.ingest.scp import stop_dimse
+
+        if self.dispatcher is not None:
+            self.dispatcher.close()
+        for proc in self.processes:
+            proc.terminate()
+        for proc in self.processes:
+            proc.wait(timeout=15)
+        if self.dimse is not None:
+            stop_dimse(self.dimse)
 
 
 def _ingest_workers(settings: Settings) -> int:
@@ -284,18 +305,21 @@ def _spawn_worker(channel: Any) -> Any:
 
 
 def cmd_ingest_worker(settings: Settings) -> int:
-    """An extra DIMSE process of ``vna run``: stores only; the main process relays."""
+    """A receiver process of ``vna run`` or ``vna ingest``: stores only; the process
+    that dispatches to it relays."""
     import os
     import socket
+    from functools import partial
 
     from services.ingest.scp import start_dimse, stop_dimse
-    from vna.dispatch import CHANNEL_FD_ENV
+    from vna.dispatch import CHANNEL_FD_ENV, report
 
     parent = os.getppid()
     deps = build(settings)
     stop = _wait_for_signal()
     channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
-    dimse = start_dimse(deps, registrars=_registrars(), channel=channel)
+    dimse = start_dimse(deps, registrars=_registrars(), channel=channel,
+                        on_stored=partial(report, channel, b"s"))
     # A receiver does not outlive its archive (killed -9).
     while not stop.wait(1.0) and os.getppid() == parent:
         pass
@@ -324,7 +348,6 @@ def _registrars() -> list[Any]:
 
 def cmd_ingest(settings: Settings) -> int:
     """The DIMSE front door alone: stores, relays its outbox to the bus."""
-    from services.ingest.scp import start_dimse, stop_dimse
     from vna.usecases.relay import OutboxRelay
 
     deps = build(settings)
@@ -333,10 +356,12 @@ def cmd_ingest(settings: Settings) -> int:
     declare_indexer_queue(deps)
     relay = OutboxRelay(index=deps.index, bus=deps.bus)
     relay.start()
-    dimse = start_dimse(deps, on_stored=relay.wake, registrars=_registrars())
+    receivers = Receivers(settings, deps, on_stored=relay.wake)
+    receivers.start()
     print(f"VNA ingest ready on {settings.bind}:{settings.dimse_port}", flush=True)
-    stop.wait()
-    stop_dimse(dimse)
+    while not stop.wait(1.0):
+        receivers.check()
+    receivers.stop()
     relay.stop()
     deps.close()
     return 0
@@ -397,7 +422,8 @@ def cmd_http_worker(settings: Settings) -> int:
     import uvicorn
 
     from services.dicomweb.app import create_app
-    from services.dicomweb.workers import CHANNEL_FD_ENV, HandedConnectionsServer, report
+    from services.dicomweb.workers import CHANNEL_FD_ENV, HandedConnectionsServer
+    from vna.dispatch import report
 
     parent = os.getppid()
     deps = build(settings)

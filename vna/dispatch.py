@@ -179,5 +179,11 @@ def receive_connections(channel: socket.socket,
 
 def report_ended(channel: socket.socket) -> None:
     """Tell the archive one association of this receiver has ended."""
+    report(channel, b"d")
+
+
+def report(channel: socket.socket, message: bytes) -> None:
+    """Tell the archive something (``r`` ready, ``d`` association ended, ``s``
+    instance stored); never raises."""
     with contextlib.suppress(OSError):
-        channel.sendall(b"d")
+        channel.sendall(message)

@@ -22,7 +22,6 @@ The wire is ``vna.dispatch``'s: ``r`` serving, ``d`` a connection closed,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -33,7 +32,7 @@ from collections.abc import Callable
 
 import uvicorn
 
-from vna.dispatch import Dispatcher
+from vna.dispatch import Dispatcher, report
 
 log = logging.getLogger("vna.dicomweb.workers")
 
@@ -169,7 +168,3 @@ class HandedConnectionsServer(uvicorn.Server):
         report(channel, b"r")
 
 
-def report(channel: socket.socket, message: bytes) -> None:
-    """Tell the archive something (``r``, ``d``, ``s``); never raises."""
-    with contextlib.suppress(OSError):
-        channel.sendall(message)
