@@ -109,6 +109,10 @@ def test_stow_from_concurrent_clients_over_several_http_workers(tmp_path: Path) 
         pid = archive.proc.pid
         workers = _children(pid, "http-worker")
         assert len(workers) == WORKERS
+        # /readyz answers once one worker serves; the archive says "ready" once all do
+        # (until then connections go to the workers that serve).
+        wait_for(lambda: "VNA ready" in archive.log.read_text(), 90, 0.2,
+                 "every HTTP worker to serve")
 
         # Clients connecting together are spread over the workers, not all in one.
         clients = [httpx.Client(timeout=10) for _ in range(2 * WORKERS)]
