@@ -50,9 +50,10 @@ class InstanceClaim(Frozen):
     transfer_syntax_uid: str
     blob_key: BlobKey
     dataset_sha256: str = ""
-    """SHA-256 of the data set alone, in claims recorded by earlier versions; empty now. The
-    framing around a data set is deterministic (``vna.dicom.part10``), so for one SOP
-    Instance UID the blob key identifies the data set: equal keys, same content."""
+    """SHA-256 of the data set alone, in claims recorded by earlier versions; empty now:
+    the framing around a data set is deterministic (``vna.dicom.part10``), so for one
+    SOP Instance UID the blob key identifies the data set (equal keys, same content).
+    Two claims that both carry a hash still match on it."""
     size: int
 
 

@@ -362,7 +362,8 @@ class SqlIndex:
         """``_check`` given the claim context row (a Row or the driver's tuple)."""
         blob_key, dataset_sha256, series_study, owner_patient_id, owner_issuer = known
         if blob_key is not None:
-            # The same bytes, or (claims of earlier versions) the same data set.
+            # The same bytes; or, where both claims carry one (claims recorded by
+            # earlier versions did), the same data set hash.
             if blob_key == claim.blob_key or (
                     dataset_sha256 and dataset_sha256 == claim.dataset_sha256):
                 return ClaimOutcome.DUPLICATE, False
