@@ -348,6 +348,11 @@ def _registrars() -> list[Any]:
 
 def cmd_ingest(settings: Settings) -> int:
     """The DIMSE front door alone: stores, relays its outbox to the bus."""
+    import shutil
+
+    # First: what is imported next imports prometheus_client.
+    metrics_dir = _use_multiprocess_metrics(_ingest_workers(settings))
+    from vna import metrics
     from vna.usecases.relay import OutboxRelay
 
     deps = build(settings)
@@ -358,17 +363,22 @@ def cmd_ingest(settings: Settings) -> int:
     relay.start()
     receivers = Receivers(settings, deps, on_stored=relay.wake)
     receivers.start()
+    if settings.metrics_port:
+        metrics.serve(settings.bind, settings.metrics_port)
     print(f"VNA ingest ready on {settings.bind}:{settings.dimse_port}", flush=True)
     while not stop.wait(1.0):
         receivers.check()
     receivers.stop()
     relay.stop()
     deps.close()
+    if metrics_dir is not None:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
 def cmd_index(settings: Settings) -> int:
     """The indexer alone: consumes instance.stored from the bus."""
+    from vna import metrics
     from vna.usecases.relay import OutboxRelay
 
     deps = build(settings)
@@ -378,6 +388,8 @@ def cmd_index(settings: Settings) -> int:
     relay = OutboxRelay(index=deps.index, bus=deps.bus)  # instance.indexed events
     relay.start()
     backfill = start_backfill(deps)
+    if settings.metrics_port:
+        metrics.serve(settings.bind, settings.metrics_port)
     print("VNA index ready", flush=True)
     stop.wait()
     backfill.stop()
@@ -523,9 +535,13 @@ def cmd_up(settings: Settings) -> int:
                 for name in ("ingest", "index", "dicomweb")}
     commands["worklist"] = [sys.executable, "-m", "services.worklist", "--dimse-port",
                             str(settings.worklist_port)]
+    # ingest and index have no HTTP port: each serves /metrics on one of its own.
+    envs = {name: env for name in commands}
+    envs["ingest"] = {**env, "VNA_METRICS_PORT": str(settings.up_ingest_metrics_port)}
+    envs["index"] = {**env, "VNA_METRICS_PORT": str(settings.up_index_metrics_port)}
     children: dict[str, subprocess.Popen[bytes]] = {}
     for name, argv in commands.items():
-        children[name] = subprocess.Popen(argv, env=env)
+        children[name] = subprocess.Popen(argv, env=envs[name])
     (settings.data_dir / "up.pids").write_text(
         "".join(f"{n} {p.pid}\n" for n, p in children.items()))
     print("VNA up: " + ", ".join(f"{n} pid {p.pid}" for n, p in children.items()), flush=True)
@@ -534,7 +550,7 @@ def cmd_up(settings: Settings) -> int:
             if proc.poll() is not None:
                 log.warning("child exited; restarting", extra={"service": name,
                                                                "code": proc.returncode})
-                children[name] = subprocess.Popen(commands[name], env=env)
+                children[name] = subprocess.Popen(commands[name], env=envs[name])
                 (settings.data_dir / "up.pids").write_text(
                     "".join(f"{n} {p.pid}\n" for n, p in children.items()))
     for proc in children.values():

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     s3_secret_key: str = ""
     s3_region: str = "us-east-1"
 
+    metrics_port: int = 0
+    """Where ``vna ingest`` and ``vna index`` serve Prometheus ``/metrics`` (they have no
+    HTTP port of their own); 0: nowhere. ``vna up`` gives them the two below."""
+    up_ingest_metrics_port: int = 9101
+    up_index_metrics_port: int = 9102
+
     ingest_workers: int = 0
     """DIMSE receiver processes of ``vna run`` (the archive accepts and hands each
     association to the least busy); 1 receives in the main process; 0 (default)

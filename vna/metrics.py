@@ -9,15 +9,18 @@ Gauges then keep the value the latest process set.
 
 from __future__ import annotations
 
+import logging
 import os
 
 from prometheus_client import (
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 
 INSTANCES_STORED = Counter("vna_instances_stored_total", "Instances newly stored")
@@ -49,6 +52,21 @@ DIMSE_ASSOCIATIONS = Counter("vna_dimse_associations_total",
                              "DIMSE associations received, by the SCP that served them: "
                              "'lean' (storage only) or 'pynetdicom' (everything else)",
                              ["scp"])
+
+
+def serve(bind: str, port: int) -> None:
+    """``/metrics`` on a port of its own, for the processes without HTTP (``vna ingest``,
+    ``vna index``): every process's metrics, as ``exposition`` gives them. A port in use
+    is logged, not fatal: the process serves DICOM all the same."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    registry = REGISTRY
+    if directory:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    try:
+        start_http_server(port, addr=bind, registry=registry)
+    except OSError as exc:
+        logging.getLogger("vna.metrics").error("metrics port %s: %s", port, exc)
 
 
 def exposition() -> bytes:

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from tests.support.processes import VnaProcess, delete_bus_namespace, wait_for
+from tests.support.processes import VnaProcess, delete_bus_namespace, free_port, wait_for
 from vna.dicom.part10 import read_header
 from vna.testing.synthetic import write_ct_series
 
@@ -65,6 +65,8 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
         "VNA_BUS_NAMESPACE": f"vna-e2e-{uuid.uuid4().hex[:8]}",
         "VNA_REDIS_URL": backends["redis"],
         "VNA_STORAGE_URL": "",
+        "VNA_UP_INGEST_METRICS_PORT": str(free_port()),
+        "VNA_UP_INDEX_METRICS_PORT": str(free_port()),
     }
     archive = VnaProcess(tmp_path / "data", command="up", env=env)
     archive.start(timeout=120)
@@ -72,6 +74,11 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
         first = write_ct_series(tmp_path / "s1", 40, study_uid=generate_uid(), patient_id="UP-1")
         _store(archive.dimse_port, first[0].parent)
         wait_for(lambda: _instances(archive.base_url, "UP-1") == 40, 120, 0.2, "40 indexed")
+        # ingest and index have no HTTP port: each serves /metrics on one of its own,
+        # counting what its processes did (ingest: all of its receiver processes).
+        assert _metric(env["VNA_UP_INGEST_METRICS_PORT"], "vna_instances_stored_total") == 40
+        wait_for(lambda: _metric(env["VNA_UP_INDEX_METRICS_PORT"],
+                                 "vna_instances_indexed_total") == 40, 30, 0.2, "index metrics")
 
         # The indexer dies: what is stored meanwhile waits in RabbitMQ.
         _kill_and_wait_restart(archive, "index")
@@ -123,6 +130,12 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
         archive.stop()
         _drop_database(db)
         delete_bus_namespace(backends["amqp"], env["VNA_BUS_NAMESPACE"])
+
+
+def _metric(port: str, name: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def _data_set(raw: bytes) -> bytes:
