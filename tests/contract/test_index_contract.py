@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -13,7 +16,7 @@ from vna.dicom.header import extract_record
 from vna.dicom.matching import Level, build_query
 from vna.events import InstanceIndexed, InstanceStored, decode_event
 from vna.model import BlobKey, InstanceClaim
-from vna.ports import ClaimOutcome, ConflictError, ConflictKind, IndexRecord
+from vna.ports import ClaimOutcome, ConflictError, ConflictKind, IndexRecord, Unavailable
 from vna.testing.synthetic import ct_instance
 
 
@@ -97,6 +100,35 @@ def test_a_claim_with_a_data_set_hash_matches_on_it(index: SqlIndex) -> None:
     reframed = claim.model_copy(update={"blob_key": BlobKey("d" * 64)})
     assert index.claim(reframed, event) is ClaimOutcome.DUPLICATE
     assert index.find_claim(claim.sop_instance_uid) == claim
+
+
+def test_a_driver_error_in_a_claim_is_retry_later_and_the_next_claim_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SQLite's claims run on the driver's connection: the claim's look-up fails once,
+    # as a disk I/O error or a lock timeout would. That claim answers Unavailable
+    # ("retry"), nothing of it is recorded, and the next goes through on a fresh
+    # connection (the failed one is not reused).
+    index = SqlIndex.from_url(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    claim, event = _claim()
+    prepared = type(index._claim_context)
+    first_raw = prepared.first_raw
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    def failing_once(self: Any, cursor: Any, **values: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return first_raw(self, cursor, **values)
+
+    monkeypatch.setattr(prepared, "first_raw", failing_once)
+    try:
+        with pytest.raises(Unavailable):
+            index.claim(claim, event)
+        assert index.find_claim(claim.sop_instance_uid) is None
+        assert index.outbox_depth() == 0
+        assert index.claim(claim, event) is ClaimOutcome.NEW
+        assert index.find_claim(claim.sop_instance_uid) == claim
+    finally:
+        index.close()
 
 
 def test_a_series_belongs_to_one_study(index: SqlIndex) -> None:
