@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     false leaves every association to pynetdicom."""
     http_workers: int = 0
     """HTTP processes of ``vna run`` and ``vna dicomweb``, sharing the HTTP port; 1
-    serves in the main process; 0 (default) means one per core."""
+    serves in the main process; 0 (default) means one per core plus one."""
     max_pdu: int = 0
     """Maximum PDU length we accept; 0 means unlimited."""
     dimse_timeout: float = 60.0
