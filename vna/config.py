@@ -49,9 +49,9 @@ class Settings(BaseSettings):
     up_index_metrics_port: int = 9102
 
     ingest_workers: int = 0
-    """DIMSE receiver processes of ``vna run`` (the archive accepts and hands each
-    association to the least busy); 1 receives in the main process; 0 (default)
-    means one per core plus one."""
+    """DIMSE receiver processes of ``vna run`` and ``vna ingest`` (the archive accepts
+    and hands each association to the least busy); 1 receives in the main process;
+    0 (default) means one per core plus one."""
     lean_storage: bool = True
     """Serve associations that only store (and echo) with VNA's lean Storage SCP;
     false leaves every association to pynetdicom."""

@@ -56,25 +56,24 @@ DIMSE_ASSOCIATIONS = Counter("vna_dimse_associations_total",
 
 def serve(bind: str, port: int) -> None:
     """``/metrics`` on a port of its own, for the processes without HTTP (``vna ingest``,
-    ``vna index``): every process's metrics, as ``exposition`` gives them. A port in use
-    is logged, not fatal: the process serves DICOM all the same."""
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    registry = REGISTRY
-    if directory:
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    ``vna index``): what ``exposition`` gives. A port in use is logged, not fatal: the
+    process serves DICOM all the same."""
     try:
-        start_http_server(port, addr=bind, registry=registry)
+        start_http_server(port, addr=bind, registry=_registry())
     except OSError as exc:
         logging.getLogger("vna.metrics").error("metrics port %s: %s", port, exc)
 
 
 def exposition() -> bytes:
     """The text format of every metric: this process's, or all processes' of the archive."""
+    return generate_latest(_registry())
+
+
+def _registry() -> CollectorRegistry:
     # prometheus_client's own variable: it decided at import how values are kept.
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not directory:
-        return generate_latest()
+        return REGISTRY
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-    return generate_latest(registry)
+    return registry

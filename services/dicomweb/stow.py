@@ -137,7 +137,6 @@ class _PartFile:
     'DICM'; the preamble is restored here so the part is a Part-10 file again.
     """
 
-    _HEAD = len(PREAMBLE) + len(MAGIC)
     _META_ROOM = 1 << 14
     """The File Meta must be within this many bytes to be framed as it arrives."""
 
@@ -407,10 +406,10 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
                 bulk[location] = entry
             return
         try:
+            part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
             sink.close()
-            part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
         except StoreError:
-            part_media, _ = parse_content_type(part.content_type or APPLICATION_DICOM)
+            pass  # nothing after its File Meta: _store_part reports it, in its place
         except BaseException:
             sink.discard()
             raise

@@ -356,10 +356,14 @@ class SqlIndex:
         """(NEW or DUPLICATE, whether the study is new); ConflictError on a conflict."""
         return self._decide(self._claim_context.first(
             conn, sop=claim.sop_instance_uid, series=claim.series_instance_uid,
-            study=claim.study_instance_uid), claim)
+            study=claim.study_instance_uid), claim,
+            lambda study: corrections.current_identity(conn, study))
 
-    def _decide(self, known: Any, claim: InstanceClaim) -> tuple[ClaimOutcome, bool]:
-        """``_check`` given the claim context row (a Row or the driver's tuple)."""
+    def _decide(self, known: Any, claim: InstanceClaim,
+                current_identity: Callable[[str], tuple[str, str] | None] | None = None,
+                ) -> tuple[ClaimOutcome, bool]:
+        """``_check`` given the claim context row (a Row or the driver's tuple), and how
+        to read a study's identity after corrections (default: a connection of its own)."""
         blob_key, dataset_sha256, series_study, owner_patient_id, owner_issuer = known
         if blob_key is not None:
             # The same bytes; or, where both claims carry one (claims recorded by
@@ -379,7 +383,7 @@ class SqlIndex:
         new_study = owner_patient_id is None
         if not new_study and (owner_patient_id, owner_issuer) != (
             claim.patient_id, claim.issuer_of_patient_id,
-        ) and self._current_identity(claim.study_instance_uid) != (
+        ) and (current_identity or self._current_identity)(claim.study_instance_uid) != (
             claim.patient_id, claim.issuer_of_patient_id,
         ):
             # Received under one identity, corrected or merged to another: either is
