@@ -39,7 +39,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -63,7 +62,9 @@ from bench.ingest import (
     fmt_row,
     generate,
     http_get,
+    run_dir,
     wait_until,
+    warm_memory,
 )
 
 ISSUE_QIDO_INSTANCES = 100_000
@@ -456,8 +457,7 @@ def measure(label: str, make: Callable[[Path], Server], files: list[Path], study
             args: argparse.Namespace, qido_dirs: list[Path] | None, layout: QidoLayout
             ) -> Figures:
     fig = Figures(label, load_start=os.getloadavg()[0])
-    with tempfile.TemporaryDirectory(prefix="vna-dwbench-", dir=OUT_DIR) as tmp:
-        workdir = Path(tmp)
+    with run_dir("vna-dwbench-") as workdir:
         server = make(workdir)
         try:
             print(f"{label}: starting", flush=True)
@@ -696,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
     study_uid = study_uid_of(files[0])
     layout = QidoLayout(args.qido_instances)
     dirs = generate_qido(layout, 4) if args.qido_instances else None
+    # each target keeps the STOW-RS study, and the QIDO index (~0.5 kB an instance)
+    warm_memory(len(chosen) * (megabytes + args.qido_instances * 0.5 / 1000))
     with cleanup_on_signals():
         try:
             figures = [measure(TARGETS[c][0], TARGETS[c][1], files, study_uid, args, dirs,
