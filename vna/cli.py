@@ -311,17 +311,16 @@ def cmd_ingest_worker(settings: Settings) -> int:
     that dispatches to it relays."""
     import os
     import socket
-    from functools import partial
 
     from services.ingest.scp import start_dimse, stop_dimse
-    from vna.dispatch import CHANNEL_FD_ENV, report
+    from vna.dispatch import CHANNEL_FD_ENV, StoredReports
 
     parent = os.getppid()
     deps = build(settings)
     stop = _wait_for_signal()
     channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
     dimse = start_dimse(deps, registrars=_registrars(), channel=channel,
-                        on_stored=partial(report, channel, b"s"))
+                        on_stored=StoredReports(channel))
     # A receiver does not outlive its archive (killed -9).
     while not stop.wait(1.0) and os.getppid() == parent:
         pass
@@ -431,19 +430,18 @@ def cmd_http_worker(settings: Settings) -> int:
     archive hands it; stores go to the outbox, which the archive relays."""
     import os
     import socket
-    from functools import partial
 
     import uvicorn
 
     from services.dicomweb.app import create_app
     from services.dicomweb.workers import CHANNEL_FD_ENV, HandedConnectionsServer
-    from vna.dispatch import report
+    from vna.dispatch import StoredReports
 
     parent = os.getppid()
     deps = build(settings)
     stop = _wait_for_signal()
     channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
-    deps.extras["on_stored"] = partial(report, channel, b"s")
+    deps.extras["on_stored"] = StoredReports(channel)
     config = uvicorn.Config(create_app(deps), log_config=None, access_log=False)
     server = HandedConnectionsServer(config, channel)
     thread = threading.Thread(target=server.run, name="http", daemon=True)

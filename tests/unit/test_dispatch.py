@@ -7,7 +7,14 @@ import threading
 from typing import Any
 
 from tests.support.processes import free_port, wait_for
-from vna.dispatch import Dispatcher, receive_connections, report_ended
+from vna.dispatch import (
+    STORED_REPORT_INTERVAL,
+    Dispatcher,
+    StoredReports,
+    receive_connections,
+    report_ended,
+)
+from vna.usecases.relay import OutboxRelay
 
 
 class FakeReceiver:
@@ -107,3 +114,31 @@ def test_wait_ready_does_not_wait_for_a_receiver_that_died() -> None:
         silent.close()
     finally:
         dispatcher.close()
+
+
+def _pending(sock: socket.socket) -> bytes:
+    sock.setblocking(False)
+    try:
+        return sock.recv(64)
+    except BlockingIOError:
+        return b""
+
+
+def test_stored_reports_send_one_per_interval() -> None:
+    ours, archive = socket.socketpair()
+    with ours, archive:
+        reports = StoredReports(ours, interval=3600)
+        for _ in range(5):
+            reports()
+        assert _pending(archive) == b"s"  # the first, then nothing within the interval
+        every = StoredReports(ours, interval=0)
+        every()
+        every()
+        assert _pending(archive) == b"ss"
+
+
+def test_unreported_instances_are_drained_by_the_relays_linger() -> None:
+    # StoredReports leaves an instance unreported only because the relay, woken by
+    # an earlier report, drains again after its linger: the linger must be longer.
+    relay = OutboxRelay(index=None, bus=None)  # type: ignore[arg-type]
+    assert relay.linger > STORED_REPORT_INTERVAL

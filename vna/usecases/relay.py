@@ -23,6 +23,8 @@ class OutboxRelay:
         # before the next: under a steady stream of instances (several receivers
         # committing claims) it otherwise relays one or two events at a time, and
         # each batch costs the same transactions and bus round trips as a full one.
+        # Receivers leave instances unreported that this drain-again picks up
+        # (vna.dispatch.StoredReports): keep it above their report interval.
         self.linger = linger
         self.max_backoff = max_backoff
         self._wake = threading.Event()
