@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 from pydicom.uid import UID
 from pynetdicom import AE
@@ -246,15 +246,16 @@ class _Association:
 
     def _run(self) -> None:
         self._accept()
-        wire = cast(BinaryIO, self.conn.makefile("rb", buffering=1 << 18))
-        # One buffer for the association's PDUs: each is consumed (hashed, written)
-        # before the next is read, and a fresh 128 kB object per PDU costs the
-        # allocator fresh pages each time.
+        _blocking_with_timeout(self.conn, self.receiver._timeout)
+        # One buffer for the association's PDUs, filled straight from the socket:
+        # each is consumed (hashed, written) before the next is read. A buffered
+        # reader in between copied every byte once more, and a fresh 128 kB object
+        # per PDU cost the allocator fresh pages each time.
+        head = bytearray(6)
         buffer = bytearray(1 << 17)
         try:
             while True:
-                head = wire.read(6)
-                if len(head) < 6:
+                if _recv_into(self.conn, memoryview(head)) < 6:
                     return  # the peer closed the connection
                 kind, length = head[0], int.from_bytes(head[2:6], "big")
                 if length > MAX_PDU_LENGTH:
@@ -262,7 +263,9 @@ class _Association:
                     raise ProtocolError(f"PDU of {length} bytes")
                 if length > len(buffer):
                     buffer = bytearray(length)
-                body = _read_into(wire, memoryview(buffer)[:length])
+                body = memoryview(buffer)[:length]
+                if _recv_into(self.conn, body) < length:
+                    raise ProtocolError("connection closed inside a PDU")
                 if kind == P_DATA_TF_PDU:
                     self._p_data(body)
                 elif kind == A_RELEASE_RQ_PDU:
@@ -276,7 +279,6 @@ class _Association:
         finally:
             if self.pending is not None:
                 self.pending.discard()
-            wire.close()
 
     def _accept(self) -> None:
         result, _ = negotiate_as_acceptor(self.request.presentation_context_definition_list,
@@ -449,15 +451,28 @@ class _PendingStore:
             self.staging = None
 
 
-def _read_into(wire: BinaryIO, view: memoryview) -> memoryview:
-    """Fill ``view`` from the wire (readinto may return less than asked for)."""
+def _blocking_with_timeout(conn: socket.socket, seconds: float) -> None:
+    """Blocking I/O, timed out by the kernel (SO_RCVTIMEO, SO_SNDTIMEO).
+
+    With a Python-level timeout every recv is preceded by a poll(); blocking, a
+    MSG_WAITALL recv fills a whole PDU in one call. A peer silent for ``seconds``
+    still ends the association: the recv then fails with EAGAIN."""
+    conn.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("@ll", whole, int((seconds - whole) * 1_000_000))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _recv_into(conn: socket.socket, view: memoryview) -> int:
+    """Fill ``view`` from the socket; fewer bytes only when the peer closed it."""
     filled = 0
     while filled < len(view):
-        count = wire.readinto(view[filled:])  # type: ignore[attr-defined]
+        count = conn.recv_into(view[filled:], 0, socket.MSG_WAITALL)
         if not count:
-            raise ProtocolError("connection closed inside a PDU")
+            break
         filled += count
-    return view
+    return filled
 
 
 def _decode_command(raw: bytes) -> dict[int, bytes]:

@@ -43,13 +43,14 @@ from vna.usecases.store import Received, StoreError, store_instance
 class Scp:
     """A ``StorageReceiver`` on a loopback port; other associations are recorded."""
 
-    def __init__(self, core: Core, *, max_associations: int = 64, max_pdu: int = 0) -> None:
+    def __init__(self, core: Core, *, max_associations: int = 64, max_pdu: int = 0,
+                 network_timeout: float = 10) -> None:
         self.core = core
         self.outcomes: list[ClaimOutcome] = []
         self.elsewhere: list[bytes] = []
         deps = cast(Any, SimpleNamespace(settings=Settings(data_dir=core.tmp)))
         self.receiver = StorageReceiver(build_ae(deps), self.store, staging_dir=core.staging,
-                                        network_timeout=10, max_pdu=max_pdu,
+                                        network_timeout=network_timeout, max_pdu=max_pdu,
                                         max_associations=max_associations)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -279,6 +280,22 @@ def test_c_store_rsp_as_ps3_7_has_it(scp: Scp, core: Core) -> None:
     assert command.CommandGroupLength == len(body) - 6 - 12
     conn.close()
     assert len(list(core.blobs.keys())) == 1
+
+
+def test_a_silent_peer_is_let_go_after_the_network_timeout(core: Core) -> None:
+    scp = Scp(core, network_timeout=0.3)
+    try:
+        ds = ct_instance()
+        conn = _associated(scp)
+        conn.sendall(_p_data(1, 0x03, _store_rq(ds.SOPInstanceUID)))
+        conn.sendall(_p_data(1, 0x00, _data_set(ds)[:1000]))  # then nothing more
+        assert conn.recv(64) == b""  # the archive closed the association
+        assert scp.ended.acquire(timeout=10)
+        assert not list(core.blobs.keys())
+        assert not list(core.staging.iterdir())
+        _still_serving(scp)
+    finally:
+        scp.close()
 
 
 def test_abort_inside_a_data_set_stores_nothing(scp: Scp, core: Core) -> None:
