@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from datetime import UTC, datetime
@@ -127,6 +128,53 @@ def test_a_driver_error_in_a_claim_is_retry_later_and_the_next_claim_works(
         assert index.outbox_depth() == 0
         assert index.claim(claim, event) is ClaimOutcome.NEW
         assert index.find_claim(claim.sop_instance_uid) == claim
+    finally:
+        index.close()
+
+
+def test_a_sqlite_claim_is_answered_after_its_wal_is_synced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Claims commit with synchronous=NORMAL and sync the WAL themselves, after the
+    # write lock: "NEW" must still mean durable (invariant 1).
+    database = tmp_path / "index.sqlite"
+    index = SqlIndex.from_url(f"sqlite:///{database}")
+    synced: list[str] = []
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    try:
+        claim, event = _claim()
+        assert index.claim(claim, event) is ClaimOutcome.NEW
+        assert synced == [f"{database}-wal"]
+        # and the WAL holds the claim: another connection sees it committed
+        other = SqlIndex.from_url(f"sqlite:///{database}")
+        try:
+            assert other.find_claim(claim.sop_instance_uid) == claim
+        finally:
+            other.close()
+    finally:
+        index.close()
+
+
+def test_a_claim_whose_wal_cannot_be_synced_is_retry_later(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    index = SqlIndex.from_url(f"sqlite:///{tmp_path / 'index.sqlite'}")
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    try:
+        claim, event = _claim()
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(Unavailable):
+            index.claim(claim, event)
+        monkeypatch.undo()
+        # Committed but not known durable: the sender's retry finds it recorded.
+        assert index.claim(claim, event) is ClaimOutcome.DUPLICATE
     finally:
         index.close()
 

@@ -11,16 +11,9 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlparse
 
+from vna.durable import sync_path
 from vna.model import BlobKey, is_blob_key
 from vna.ports import Unavailable
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class FilesystemBlobStore:
@@ -50,11 +43,7 @@ class FilesystemBlobStore:
             return False
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_path(path)
             try:
                 # link() refuses to overwrite: two writers of one key cannot clobber.
                 os.link(path, target)
@@ -74,7 +63,7 @@ class FilesystemBlobStore:
                     return False
                 finally:
                     os.unlink(out.name)
-            _fsync_dir(target.parent)
+            sync_path(target.parent)
             return True
         except (PermissionError, OSError) as exc:
             if isinstance(exc, FileNotFoundError) and not path.exists():
