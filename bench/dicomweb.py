@@ -459,6 +459,7 @@ def measure(label: str, make: Callable[[Path], Server], files: list[Path], study
     fig = Figures(label, load_start=os.getloadavg()[0])
     with run_dir("vna-dwbench-") as workdir:
         server = make(workdir)
+        warm_memory(sum(f.stat().st_size for f in files) / 1e6)  # what STOW-RS writes
         try:
             print(f"{label}: starting", flush=True)
             server.start()
@@ -696,8 +697,6 @@ def main(argv: list[str] | None = None) -> int:
     study_uid = study_uid_of(files[0])
     layout = QidoLayout(args.qido_instances)
     dirs = generate_qido(layout, 4) if args.qido_instances else None
-    # each target keeps the STOW-RS study, and the QIDO index (~0.5 kB an instance)
-    warm_memory(len(chosen) * (megabytes + args.qido_instances * 0.5 / 1000))
     with cleanup_on_signals():
         try:
             figures = [measure(TARGETS[c][0], TARGETS[c][1], files, study_uid, args, dirs,

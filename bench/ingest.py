@@ -99,25 +99,24 @@ def run_dir(prefix: str) -> Iterator[Path]:
 
 
 def warm_memory(megabytes: float) -> None:
-    """Touch as much memory as the runs will write, once, before any is measured.
+    """Touch as much memory as the next run will write, right before it, for every
+    target alike.
 
-    A VM's memory (Firecracker, here) is backed by the host only when first touched:
-    writing 0.5 MB into the page cache cost 1.3 ms of system CPU on fresh memory and
-    0.1 ms on memory touched before, so whichever target ran first on fresh memory
-    paid ten times more for each file it wrote. Freed, the touched pages go back to
-    the kernel, which hands them out again to the page cache. Costs a second or
-    two a GiB on a fresh VM, a fraction of that afterwards."""
+    A VM's memory (Firecracker, here) is backed by the host only when first touched,
+    and pages freed for long enough are given back to it: writing 0.5 MB into the
+    page cache cost 1.3 ms of system CPU on such memory and 0.1 ms on memory touched
+    shortly before, so a target's figure depended on what ran before it. Freed, the
+    touched pages go back to the kernel, which hands them out to the page cache.
+    Costs about two seconds a GiB when the memory was given back, less otherwise."""
     try:
         available = next(int(line.split()[1]) // 1024 for line in
                          Path("/proc/meminfo").read_text().splitlines()
                          if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         return
-    size = int(min(megabytes * 1.2, available - 4096))
+    size = int(min(megabytes * 1.5, available - 4096))
     if size <= 0:
         return
-    print(f"warming {size / 1024:.1f} GiB of memory (a VM backs it on first touch) ...",
-          flush=True)
     touched = bytearray(size << 20)  # zero-filled: every page written
     del touched
 
@@ -524,6 +523,7 @@ def measure(make: Callable[[Path], Server], files: list[Path], parallel: int,
             study_uid: str, megabytes: float) -> Measurement:
     with run_dir("vna-bench-") as workdir:
         server = make(workdir)
+        warm_memory(megabytes)
         try:
             server.start()
             assert server.proc is not None
@@ -588,8 +588,6 @@ def run_benchmark(count: int, vna_env: dict[str, str], only: set[str]) -> int:
         print("Orthanc is not installed (apt-get install orthanc): no reference figure")
     targets.append(("storescp", StorescpServer))
     targets = [t for t in targets if not only or t[0] in only]
-    # every target but storescp --ignore keeps what it receives, twice (1 and 4)
-    warm_memory(2 * megabytes * sum(label != "storescp" for label, _ in targets))
     results: list[Measurement] = []
     for parallel in (1, PARALLEL):
         for label, make in targets:
