@@ -273,3 +273,32 @@ def test_journal_entries_are_listed_and_read_back_like_any_blob(store: BlobStore
     assert is_journal(store.read_range(key, 0, len(MAGIC)))
     assert journal.read(key).doc == doc
     assert hashlib.sha256(store.read_range(key, 0)).hexdigest() == key
+
+
+def test_filesystem_syncs_the_blob_then_every_name_it_made(
+        tmp_path: Path, staging: Staging, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Durable means the bytes, the blob's name, and the names of the directories
+    # made for it: a blob under a directory whose name a crash lost is lost too.
+    import vna.adapters.blob.filesystem as filesystem
+
+    synced: list[Path] = []
+    real = filesystem.sync_path
+
+    def recording(path: Path, *, data_only: bool = False) -> None:
+        synced.append(Path(path))
+        real(path, data_only=data_only)
+
+    monkeypatch.setattr(filesystem, "sync_path", recording)
+    root = tmp_path / "blobs"
+    store = FilesystemBlobStore(root)
+    key, path = staging.file(_payload(100, seed=1))
+    assert store.put_file(key, path)
+    first, second = root / key[:2], root / key[:2] / key[2:4]
+    assert synced == [path, root, first, second]
+    # Next to it, the directories are there: the bytes and the blob's name only.
+    synced.clear()
+    sibling = BlobKey(key[:4] + "0" * 60)
+    staged = staging.root / "sibling"
+    staged.write_bytes(b"x")
+    assert store.put_file(sibling, staged)
+    assert synced == [staged, second]
