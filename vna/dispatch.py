@@ -32,10 +32,10 @@ from typing import Any
 log = logging.getLogger("vna.dispatch")
 
 CHANNEL_FD_ENV = "VNA_INGEST_CHANNEL_FD"
+"""Tells an ``ingest-worker`` which inherited descriptor is its channel."""
 
 STORED_REPORT_INTERVAL = 0.02
 """Seconds: below the outbox relay's linger (0.05 s), see ``StoredReports``."""
-"""Tells an ``ingest-worker`` which inherited descriptor is its channel."""
 
 
 @dataclass
