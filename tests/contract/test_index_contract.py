@@ -150,6 +150,11 @@ def test_a_sqlite_claim_is_answered_after_its_wal_is_synced(
         claim, event = _claim()
         assert index.claim(claim, event) is ClaimOutcome.NEW
         assert synced == [f"{database}-wal"]
+        # "Already stored" is acknowledged too: it waits for the same sync, as the
+        # claim it saw may be another sender's, committed but not yet synced.
+        synced.clear()
+        assert index.check_claim(claim) is ClaimOutcome.DUPLICATE
+        assert synced == [f"{database}-wal"]
         # and the WAL holds the claim: another connection sees it committed
         other = SqlIndex.from_url(f"sqlite:///{database}")
         try:

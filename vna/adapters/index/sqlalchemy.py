@@ -408,10 +408,18 @@ class SqlIndex:
                     known = self._claim_context.first_raw(
                         cursor, sop=claim.sop_instance_uid,
                         series=claim.series_instance_uid, study=claim.study_instance_uid)
-                return self._decide(known, claim)[0]
+                outcome = self._decide(known, claim)[0]
+                if outcome is ClaimOutcome.DUPLICATE:
+                    # The claim seen may be another sender's, committed but not yet
+                    # synced (make_durable): this "already stored" is acknowledged
+                    # too, so it waits for the same sync.
+                    self._store_connections.make_durable()
+                return outcome
             with self.engine.connect() as conn:
                 return self._check(conn, claim)[0]
         except (_SAError, _DriverError) as exc:
+            raise Unavailable(f"index database: {exc}") from exc
+        except OSError as exc:
             raise Unavailable(f"index database: {exc}") from exc
 
     def _claim(self, conn: Connection, claim: InstanceClaim, check_only: bool = False
