@@ -351,6 +351,40 @@ def test_stow_json_with_compressed_pixel_data(web: Web) -> None:
     assert np.array_equal(decoded.pixel_array, original.pixel_array)
 
 
+def test_stow_json_with_compressed_multi_frame_pixel_data_one_part_a_frame(web: Web) -> None:
+    # PS3.18 names a frame of a multi-frame instance {BulkDataURI}/frames/{n}: each
+    # frame's codestream comes in a part of its own, and is encapsulated as sent.
+    original = native_ct(frames=3)
+    jls = compressed_ct(JPEGLSLossless, frames=3, sop_uid=original.SOPInstanceUID,
+                        study_uid=original.StudyInstanceUID,
+                        series_uid=original.SeriesInstanceUID)
+    from pydicom.encaps import generate_frames
+
+    codestreams = list(generate_frames(jls.PixelData, number_of_frames=3))
+    obj = jls.to_json_dict(bulk_data_threshold=256,
+                           bulk_data_element_handler=lambda _e: "pixels")
+    r = _stow_json(web, [obj], [(f"pixels/frames/{n}", "image/jls", codestream)
+                                for n, codestream in enumerate(codestreams, start=1)])
+    assert r.status_code == 200, r.text
+    web.index_all()
+    client = web.client()
+    assert client.retrieve_instance_frames(
+        original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID, [2],
+        media_types=(("image/jls", JPEGLSLossless),)) == [codestreams[1]]
+    decoded = client.retrieve_instance(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                       original.SOPInstanceUID,
+                                       media_types=(("application/dicom", EXPLICIT_LE),))
+    assert np.array_equal(decoded.pixel_array, original.pixel_array)
+    # One frame short of NumberOfFrames: that instance fails, with the reason.
+    other = compressed_ct(JPEGLSLossless, frames=3, study_uid=original.StudyInstanceUID)
+    short = other.to_json_dict(bulk_data_threshold=256,
+                               bulk_data_element_handler=lambda _e: "other")
+    r = _stow_json(web, [short], [(f"other/frames/{n}", "image/jls", codestream)
+                                  for n, codestream in enumerate(codestreams[:2], start=1)])
+    assert r.status_code == 409, r.text
+    assert "2 frame parts for NumberOfFrames 3" in r.headers["warning"]
+
+
 def test_stow_json_failures_are_per_instance(web: Web) -> None:
     study = generate_uid()
     good = native_ct(study_uid=study)

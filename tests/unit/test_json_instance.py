@@ -6,9 +6,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
+from pydicom.encaps import generate_frames
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+)
 
-from tests.support.compressed import native_ct
+from tests.support.compressed import compressed_ct, native_ct
 from vna.dicom.json_instance import BulkPart, JsonInstanceError, json_uids, write_instance
 
 
@@ -68,3 +74,49 @@ def test_a_bulk_data_uri_without_its_part(tmp_path: Path) -> None:
                                    bulk_data_element_handler=lambda _: "missing")
     with pytest.raises(JsonInstanceError, match="matches no part"):
         write_instance(obj, {}, tmp_path / "out.dcm")
+
+
+def test_compressed_frames_in_parts_of_their_own(tmp_path: Path) -> None:
+    rle = compressed_ct(RLELossless, frames=3)
+    codestreams = list(generate_frames(rle.PixelData, number_of_frames=3))
+    obj = rle.to_json_dict(bulk_data_threshold=256, bulk_data_element_handler=lambda _: "px")
+    bulk = {f"px/frames/{n}": _bulk(tmp_path, f"f{n}", data, RLELossless)
+            for n, data in enumerate(codestreams, start=1)}
+    out = tmp_path / "out.dcm"
+    assert write_instance(obj, bulk, out) == RLELossless
+    back = pydicom.dcmread(out)
+    assert list(generate_frames(back.PixelData, number_of_frames=3)) == codestreams
+    assert (back.pixel_array == native_ct(frames=3).pixel_array).all()
+
+
+def test_uncompressed_frames_in_parts_are_joined(tmp_path: Path) -> None:
+    ds = native_ct(frames=2)
+    size = len(ds.PixelData) // 2
+    obj = ds.to_json_dict(bulk_data_threshold=256, bulk_data_element_handler=lambda _: "px")
+    bulk = {f"px/frames/{n}": _bulk(tmp_path, f"f{n}", ds.PixelData[(n - 1) * size:n * size])
+            for n in (1, 2)}
+    out = tmp_path / "out.dcm"
+    assert write_instance(obj, bulk, out) == ExplicitVRLittleEndian
+    assert pydicom.dcmread(out).PixelData == ds.PixelData
+
+
+@pytest.mark.parametrize(("frames", "syntaxes", "message"), [
+    (2, [RLELossless, RLELossless], "2 frame parts for NumberOfFrames 3"),
+    (3, [RLELossless, RLELossless, JPEGLSLossless], "different transfer syntaxes"),
+])
+def test_frame_parts_that_do_not_add_up(tmp_path: Path, frames: int, syntaxes: list[str],
+                                        message: str) -> None:
+    rle = compressed_ct(RLELossless, frames=3)
+    obj = rle.to_json_dict(bulk_data_threshold=256, bulk_data_element_handler=lambda _: "px")
+    bulk = {f"px/frames/{n}": _bulk(tmp_path, f"f{n}", b"\x00" * 8, syntaxes[n - 1])
+            for n in range(1, frames + 1)}
+    with pytest.raises(JsonInstanceError, match=message):
+        write_instance(obj, bulk, tmp_path / "out.dcm")
+
+
+def test_compressed_multi_frame_in_one_part_says_how_to_send_it(tmp_path: Path) -> None:
+    rle = compressed_ct(RLELossless, frames=2)
+    obj = rle.to_json_dict(bulk_data_threshold=256, bulk_data_element_handler=lambda _: "px")
+    with pytest.raises(JsonInstanceError, match="each frame as its own part"):
+        write_instance(obj, {"px": _bulk(tmp_path, "px", rle.PixelData, RLELossless)},
+                       tmp_path / "out.dcm")

@@ -8,7 +8,10 @@ a file, which then takes the same store path as anything received over DIMSE.
 The transfer syntax of the result is that of its pixel data: the syntax the
 pixel data part names (its media type or ``transfer-syntax`` parameter), else
 the JSON's own (0002,0010) if present, else Explicit VR Little Endian.
-Compressed pixel data comes as one codestream and is encapsulated as one frame.
+Compressed pixel data comes as one codestream, encapsulated as one frame; or, for
+a multi-frame image, one part per frame at ``{BulkDataURI}/frames/{n}`` (the
+Content-Location PS3.18 gives a frame of a multi-frame instance), encapsulated
+one frame each. Uncompressed frames sent that way are joined.
 """
 
 from __future__ import annotations
@@ -66,9 +69,15 @@ def write_instance(obj: Any, bulk: Mapping[str, BulkPart], path: Path) -> str:
     if not isinstance(obj, dict):
         raise JsonInstanceError("an instance in the JSON array is not an object")
     pixel_part: list[BulkPart] = []
+    pixel_frames: list[BulkPart] = []
 
     def load(tag: str, vr: str, uri: str) -> bytes:
         part = bulk.get(uri)
+        if part is None and tag.upper() == _PIXEL_DATA:
+            pixel_frames.extend(_frame_parts(bulk, uri))
+            if pixel_frames:
+                pixel_part.append(pixel_frames[0])
+                return b""  # put together below, once the syntax is known
         if part is None:
             raise JsonInstanceError(f"BulkDataURI {uri!r} of ({tag[:4]},{tag[4:]}) "
                                     "matches no part's Content-Location")
@@ -86,12 +95,23 @@ def write_instance(obj: Any, bulk: Mapping[str, BulkPart], path: Path) -> str:
         raise JsonInstanceError(f"not a DICOM JSON instance: {' '.join(str(exc).split())}"
                                 ) from exc
     syntax = _syntax(obj, pixel_part[0] if pixel_part else None)
-    if pixel_part and syntax not in NATIVE:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = _number_of_frames(ds)
+    compressed = bool(pixel_part) and syntax not in NATIVE
+    if pixel_frames:
+        if len(pixel_frames) != frames:
+            raise JsonInstanceError(f"{len(pixel_frames)} frame parts for "
+                                    f"NumberOfFrames {frames}")
+        if len({part.transfer_syntax_uid for part in pixel_frames}) > 1:
+            raise JsonInstanceError("the frame parts name different transfer syntaxes")
+        codestreams = [part.path.read_bytes() for part in pixel_frames]
+        ds.PixelData = encapsulate(codestreams) if compressed else b"".join(codestreams)
+    elif compressed:
         if frames > 1:
             raise JsonInstanceError("compressed multi-frame pixel data in one bulk data "
-                                    "part is not supported: send application/dicom")
+                                    "part: send each frame as its own part, at "
+                                    "{BulkDataURI}/frames/{n}, or application/dicom")
         ds.PixelData = encapsulate([ds.PixelData])
+    if compressed:
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
     for keyword in ("SOPClassUID", "SOPInstanceUID"):
@@ -107,6 +127,21 @@ def write_instance(obj: Any, bulk: Mapping[str, BulkPart], path: Path) -> str:
         raise JsonInstanceError(f"the instance cannot be encoded: "
                                 f"{' '.join(str(exc).split())}") from exc
     return syntax
+
+
+def _frame_parts(bulk: Mapping[str, BulkPart], uri: str) -> list[BulkPart]:
+    """The parts at ``{uri}/frames/1``, ``/2`` ... in order, up to the first missing."""
+    found: list[BulkPart] = []
+    while (part := bulk.get(f"{uri}/frames/{len(found) + 1}")) is not None:
+        found.append(part)
+    return found
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError) as exc:
+        raise JsonInstanceError("NumberOfFrames is not a number") from exc
 
 
 def _syntax(obj: dict[str, Any], pixel: BulkPart | None) -> str:
