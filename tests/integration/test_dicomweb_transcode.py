@@ -30,7 +30,13 @@ from pydicom.uid import (
 )
 
 from tests.integration.test_dicomweb import Web, dataset_bytes, multipart_parts, serve
-from tests.support.compressed import compressed_ct, jpeg_baseline, native_ct, part10
+from tests.support.compressed import (
+    compressed_ct,
+    jpeg_baseline,
+    native_8bit,
+    native_ct,
+    part10,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +148,7 @@ def test_q_values_pick_the_best_syntax_that_can_be_made(web: Web) -> None:
     url = (f"{web.root}/studies/{sent.StudyInstanceUID}/series/{sent.SeriesInstanceUID}"
            f"/instances/{sent.SOPInstanceUID}")
 
-    # JPEG Baseline is preferred but impossible (lossy only, 16-bit data): JPEG-LS next.
+    # JPEG Baseline is preferred but impossible (8 bits only, 12-bit data): JPEG-LS next.
     r = httpx.get(url, headers=_accept_dicom(
         "transfer-syntax=*; q=0.1", f"transfer-syntax={JPEGBaseline8Bit}",
         f"transfer-syntax={JPEGLSLossless}; q=0.8", f"transfer-syntax={RLELossless}; q=0.5"))
@@ -169,15 +175,15 @@ def test_406_only_when_no_acceptable_syntax_can_be_made(web: Web) -> None:
     ct_url = f"{web.root}/studies/{study}/series/{series}/instances/{ct.SOPInstanceUID}"
     refused = httpx.get(ct_url, headers=_accept_dicom(f"transfer-syntax={JPEGBaseline8Bit}"))
     assert refused.status_code == 406
-    assert "lossy only" in refused.json()["detail"]
-    assert "lossy only" in refused.headers["warning"]
+    assert "8-bit unsigned pixels only" in refused.json()["detail"]
+    assert "8-bit unsigned pixels only" in refused.headers["warning"]
     video = httpx.get(ct_url, headers=_accept_dicom("transfer-syntax=1.2.840.10008.1.2.4.102"))
     assert video.status_code == 406
     assert "no encoder" in video.json()["detail"]
     frames = httpx.get(f"{ct_url}/frames/1", headers={"Accept": 'multipart/related; '
                                                                 'type="image/jpeg"'})
     assert frames.status_code == 406
-    assert "lossy only" in frames.json()["detail"]
+    assert "8-bit unsigned pixels only" in frames.json()["detail"]
 
     # The study: the JPEG instance is stored as asked, the CT cannot be: 206, Warning.
     partial = httpx.get(f"{web.root}/studies/{study}",
@@ -187,6 +193,44 @@ def test_406_only_when_no_acceptable_syntax_can_be_made(web: Web) -> None:
     [(content_type, body)] = multipart_parts(partial)
     assert content_type == f"application/dicom; transfer-syntax={JPEGBaseline8Bit}"
     assert pydicom.dcmread(io.BytesIO(body)).SOPInstanceUID == photo.SOPInstanceUID
+
+
+def test_jpeg_baseline_is_made_from_8_bit_data_when_asked_and_marked_lossy(web: Web) -> None:
+    from PIL import Image
+
+    study, series = generate_uid(), generate_uid()
+    grey = native_8bit(study_uid=study, series_uid=series)
+    colour = native_8bit(colour=True, study_uid=study, series_uid=series, instance_number=2)
+    client = web.client()
+    client.store_instances([grey, colour])
+    web.index_all()
+    for sent, photometric in ((grey, "MONOCHROME2"), (colour, "YBR_FULL")):
+        url = f"{web.root}/studies/{study}/series/{series}/instances/{sent.SOPInstanceUID}"
+        r = httpx.get(url, headers=_accept_dicom(f"transfer-syntax={JPEGBaseline8Bit}"))
+        assert r.status_code == 200, r.text
+        [(content_type, body)] = multipart_parts(r)
+        assert content_type == f"application/dicom; transfer-syntax={JPEGBaseline8Bit}"
+        made = pydicom.dcmread(io.BytesIO(body))
+        assert made.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+        assert made.SOPInstanceUID == sent.SOPInstanceUID
+        assert made.PhotometricInterpretation == photometric
+        assert made.LossyImageCompression == "01"
+        assert made.LossyImageCompressionMethod == "ISO_10918_1"
+        assert float(made.LossyImageCompressionRatio) > 1
+        error = np.abs(made.pixel_array.astype(int) - sent.pixel_array.astype(int))
+        assert error.max() <= 8  # lossy, but the image it was
+        # A frame as image/jpeg: one codestream of the frame's size.
+        frame = httpx.get(f"{url}/frames/1",
+                          headers={"Accept": 'multipart/related; type="image/jpeg"'})
+        assert frame.status_code == 200, frame.text
+        [(frame_type, codestream)] = multipart_parts(frame)
+        assert frame_type.startswith("image/jpeg")
+        image = Image.open(io.BytesIO(codestream))
+        assert (image.format, image.size) == ("JPEG", (sent.Columns, sent.Rows))
+        # What is stored is untouched: as stored, the bytes that were sent.
+        as_stored = httpx.get(url, headers=_accept_dicom("transfer-syntax=*"))
+        [(_, stored)] = multipart_parts(as_stored)
+        assert pydicom.dcmread(io.BytesIO(stored)).PixelData == sent.PixelData
 
 
 def test_an_instance_that_fails_to_decode_is_never_replaced_silently(web: Web) -> None:

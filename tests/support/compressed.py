@@ -92,3 +92,23 @@ def jpeg_baseline_colour(rows: int = 32, columns: int = 48, **kw: Any) -> Datase
     ds.PixelData = encapsulate([buf.getvalue()])
     ds["PixelData"].VR = "OB"
     return ds
+
+
+def native_8bit(rows: int = 32, columns: int = 48, *, colour: bool = False,
+                **kw: Any) -> Dataset:
+    """An 8-bit image in Explicit VR Little Endian, smooth gradients (as a secondary
+    capture or an ultrasound frame): MONOCHROME2, or RGB with ``colour``."""
+    ds = ct_instance(rows=rows, columns=columns, transfer_syntax=ExplicitVRLittleEndian, **kw)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for keyword in ("RescaleIntercept", "RescaleSlope", "WindowCenter", "WindowWidth"):
+        delattr(ds, keyword)
+    y, x = np.mgrid[0:rows, 0:columns]
+    if colour:
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = \
+            3, "RGB", 0
+        pixels = np.stack([x * 255 // columns, y * 255 // rows, (x + y) * 127 //
+                           (rows + columns)], axis=-1)
+    else:
+        pixels = (x + y) * 255 // (rows + columns)
+    ds.PixelData = pixels.astype(np.uint8).tobytes()
+    return ds

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -17,6 +17,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGExtended12Bit,
     JPEGLSLossless,
     JPEGLSNearLossless,
     RLELossless,
@@ -26,6 +27,7 @@ from tests.support.compressed import (
     compressed_ct,
     jpeg_baseline,
     jpeg_baseline_colour,
+    native_8bit,
     native_ct,
     part10,
 )
@@ -99,7 +101,9 @@ def test_source_is_never_modified() -> None:
 def test_impossible_conversions_say_why() -> None:
     ct = native_ct()
     assert impossible(ct, ExplicitVRLittleEndian, ExplicitVRLittleEndian) is None
-    assert "lossy only" in (impossible(ct, ExplicitVRLittleEndian, JPEGBaseline8Bit) or "")
+    assert "8-bit unsigned pixels only" in (
+        impossible(ct, ExplicitVRLittleEndian, JPEGBaseline8Bit) or "")
+    assert "no encoder" in (impossible(ct, ExplicitVRLittleEndian, JPEGExtended12Bit) or "")
     assert "no encoder" in (impossible(ct, ExplicitVRLittleEndian, HTJ2KLossless) or "")
     assert "no encoder" in (impossible(ct, ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.102")
                             or "")
@@ -108,7 +112,7 @@ def test_impossible_conversions_say_why() -> None:
     wide = native_ct()
     wide.BitsAllocated, wide.BitsStored, wide.HighBit = 32, 32, 31
     assert "cannot hold" in (impossible(wide, ExplicitVRLittleEndian, JPEGLSLossless) or "")
-    with pytest.raises(TranscodeError, match="lossy only"):
+    with pytest.raises(TranscodeError, match="8-bit unsigned pixels only"):
         transcode_instance(io.BytesIO(part10(ct)), JPEGBaseline8Bit)
 
 
@@ -161,3 +165,28 @@ def test_colour_jpeg_decodes_to_rgb_and_says_so() -> None:
     j2k = transcode_instance(io.BytesIO(raw), JPEG2000Lossless)
     assert np.array_equal(_decoded(j2k), expected)
     assert pydicom.dcmread(io.BytesIO(j2k)).LossyImageCompression == "01"
+
+
+def test_jpeg_baseline_from_8_bit_frames_is_marked_lossy_with_method_and_ratio() -> None:
+    sent = native_8bit(colour=True)
+    sent.NumberOfFrames = 2
+    sent.PixelData = sent.PixelData * 2
+    made = pydicom.dcmread(io.BytesIO(transcode_instance(io.BytesIO(part10(sent)),
+                                                         JPEGBaseline8Bit)))
+    assert made.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert made.PhotometricInterpretation == "YBR_FULL"
+    assert made.LossyImageCompression == "01"
+    assert made.LossyImageCompressionMethod == "ISO_10918_1"
+    assert len(list(generate_frames(made.PixelData, number_of_frames=2))) == 2
+    error = np.abs(made.pixel_array.astype(int) - sent.pixel_array.astype(int))
+    assert error.max() <= 8
+    # Made from data that was lossy compressed before: both steps are on record.
+    earlier = native_8bit()
+    earlier.LossyImageCompression = "01"
+    earlier.LossyImageCompressionMethod = "ISO_14495_1"
+    earlier.LossyImageCompressionRatio = "2.5"
+    again = pydicom.dcmread(io.BytesIO(transcode_instance(io.BytesIO(part10(earlier)),
+                                                          JPEGBaseline8Bit)))
+    assert list(again.LossyImageCompressionMethod) == ["ISO_14495_1", "ISO_10918_1"]
+    assert len(again.LossyImageCompressionRatio) == 2
+    assert float(again.LossyImageCompressionRatio[0]) == 2.5

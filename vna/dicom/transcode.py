@@ -3,13 +3,17 @@
 The stored blob is only ever read: every function here takes a readable
 Part-10 stream and returns new bytes. Decoding uses pydicom with the pylibjpeg
 (libjpeg, openjpeg, rle) and pyjpegls plugins; encoding uses pydicom's
-encoders: RLE Lossless, JPEG-LS (pyjpegls) and JPEG 2000 (openjpeg).
+encoders: RLE Lossless, JPEG-LS (pyjpegls) and JPEG 2000 (openjpeg), and Pillow
+for JPEG Baseline.
 
-Nothing is made lossy here. Syntaxes that allow lossy and lossless coding
-(JPEG-LS Near-Lossless, JPEG 2000) are written losslessly; syntaxes that are
-lossy only (JPEG Baseline, JPEG Extended) are not produced at all. Data that
-was stored lossy stays marked so (Lossy Image Compression "01") when it is
-decoded. SOP Instance UIDs never change.
+Nothing is made lossy unless a client names a lossy-only syntax. Syntaxes that
+allow lossy and lossless coding (JPEG-LS Near-Lossless, JPEG 2000) are written
+losslessly. JPEG Baseline, asked for by name, is made from 8-bit data (quality
+90, no chroma subsampling) and marked lossy: Lossy Image Compression "01", its
+method and ratio appended (PS3.3 C.7.6.1.1.5). It cannot hold more than 8 bits,
+so a CT or MR is refused with that reason; JPEG Extended has no encoder here.
+Data that was stored lossy stays marked so when it is decoded. SOP Instance UIDs
+never change, and the stored blob stays as received.
 
 ``impossible`` says, from the header alone, why a conversion cannot be done
 (no decoder, no encoder, pixel format outside the target's profile), so that
@@ -23,7 +27,10 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pydicom
+import pydicom.multival
+from PIL import Image, features
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import ENCODING_PROFILES, get_encoder
 from pydicom.pixels.utils import pack_bits, pixel_array
@@ -49,6 +56,13 @@ NATIVE = frozenset({ImplicitVRLittleEndian, ExplicitVRLittleEndian,
 
 LOSSY_ONLY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit})
 """Syntaxes whose codestreams are always lossy: decoding them keeps the data lossy."""
+
+JPEG_QUALITY = 90
+"""JPEG Baseline made on request: Pillow's quality, as Orthanc's default."""
+_BASELINE_PHOTOMETRIC = {"MONOCHROME1": "MONOCHROME1", "MONOCHROME2": "MONOCHROME2",
+                         "RGB": "YBR_FULL"}
+"""Decoded photometric interpretation -> that of the JPEG Baseline made from it
+(colour goes into JPEG as YCbCr, not subsampled: YBR_FULL, PS3.5 8.2.1)."""
 
 # Written with a lossless codec under a syntax that also allows lossy coding.
 _ENCODE_AS: dict[str, str] = {JPEG2000: JPEG2000Lossless}
@@ -85,9 +99,12 @@ def can_decode(transfer_syntax_uid: str) -> bool:
 
 
 def can_encode(transfer_syntax_uid: str) -> bool:
-    """Whether pixel data can be written in this syntax, losslessly."""
+    """Whether pixel data can be written in this syntax (losslessly, but for JPEG
+    Baseline)."""
     if transfer_syntax_uid in NATIVE:
         return True
+    if transfer_syntax_uid == JPEGBaseline8Bit:
+        return bool(features.check_codec("jpg"))
     if transfer_syntax_uid in LOSSY_ONLY:
         return False
     uid = UID(_ENCODE_AS.get(transfer_syntax_uid, transfer_syntax_uid))
@@ -116,8 +133,6 @@ def impossible(header: Dataset, source: str, target: str) -> str | None:
     """
     if source == target:
         return None
-    if target in LOSSY_ONLY:
-        return f"{_name(target)} is lossy only; VNA does not make lossy copies"
     if not can_encode(target):
         return f"no encoder for {_name(target)} is installed"
     if not _has_pixels(header):
@@ -137,6 +152,13 @@ def impossible(header: Dataset, source: str, target: str) -> str | None:
         stored = int(header.get("BitsStored", allocated) or allocated)
     except (AttributeError, TypeError, ValueError):
         return "the instance has no usable image pixel description"
+    if target == JPEGBaseline8Bit:
+        if allocated != 8 or stored != 8 or rep != 0:
+            return (f"{_name(target)} holds 8-bit unsigned pixels only; this instance has "
+                    f"{stored} bits stored, pixel representation {rep}")
+        if pi not in _BASELINE_PHOTOMETRIC or spp != (3 if pi == "RGB" else 1):
+            return f"{_name(target)} cannot hold {pi} pixels with {spp} sample(s)"
+        return None
     for p_pi, p_spp, p_rep, p_allocated, p_stored in profile:
         if (pi == p_pi and spp == p_spp and rep in p_rep and allocated in p_allocated
                 and stored in p_stored):
@@ -202,7 +224,9 @@ def _convert(ds: Dataset, source: str, target: str) -> None:
     elif source == ExplicitVRBigEndian:
         _swap_words(ds)
     # ds is now native little endian.
-    if pixels and target not in NATIVE:
+    if pixels and target == JPEGBaseline8Bit:
+        _to_jpeg_baseline(ds)
+    elif pixels and target not in NATIVE:
         encode_as = _ENCODE_AS.get(target, target)
         ds.compress(encode_as, generate_instance_uid=False,
                     **_ENCODE_OPTIONS.get(target, {}))
@@ -228,6 +252,8 @@ def transcode_frame(src: BinaryIO, header: Dataset, source: str, index: int,
         allocated = int(header.BitsAllocated)
         if target in NATIVE:
             return _native_bytes(arr, allocated, big_endian=target == ExplicitVRBigEndian)
+        if target == JPEGBaseline8Bit:
+            return _jpeg_baseline(arr)
         encode_as = UID(_ENCODE_AS.get(target, target))
         return bytes(get_encoder(encode_as).encode(
             arr, rows=int(header.Rows), columns=int(header.Columns), number_of_frames=1,
@@ -242,6 +268,42 @@ def transcode_frame(src: BinaryIO, header: Dataset, source: str, index: int,
     except Exception as exc:  # codec plugins raise anything
         raise TranscodeError(f"frame {index + 1} could not be converted from "
                              f"{_name(source)} to {_name(target)}: {_one_line(exc)}") from exc
+
+
+def _jpeg_baseline(frame: np.ndarray[Any, Any]) -> bytes:
+    """One 8-bit frame (rows x columns, or x 3 for RGB) as a JPEG Baseline codestream."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame, dtype=np.uint8)).save(
+        buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return buf.getvalue()
+
+
+def _to_jpeg_baseline(ds: Dataset) -> None:
+    """Native 8-bit pixel data of ``ds`` made JPEG Baseline, and marked lossy."""
+    arr = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)  # samples come last in pixel_array
+    codestreams = [_jpeg_baseline(frame) for frame in (arr if frames > 1 else [arr])]
+    before = len(ds.PixelData)
+    ds.PixelData = encapsulate(codestreams)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.PhotometricInterpretation = _BASELINE_PHOTOMETRIC[str(ds.PhotometricInterpretation)]
+    if spp == 3:
+        ds.PlanarConfiguration = 0
+    ds.LossyImageCompression = "01"
+    ratio = before / max(1, sum(len(c) for c in codestreams))
+    ds.LossyImageCompressionRatio = [*_values(ds, "LossyImageCompressionRatio"),
+                                     f"{ratio:.2f}"]
+    ds.LossyImageCompressionMethod = [*_values(ds, "LossyImageCompressionMethod"),
+                                      "ISO_10918_1"]
+
+
+def _values(ds: Dataset, keyword: str) -> list[Any]:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, pydicom.multival.MultiValue) else [value]
 
 
 def _native_bytes(arr: np.ndarray[Any, Any], bits_allocated: int, *, big_endian: bool) -> bytes:
