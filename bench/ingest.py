@@ -172,6 +172,17 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU of ``pid`` itself (its children are counted on their own)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+    return 0.0
+
+
 def _vm_hwm_kib(pid: int) -> int:
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -185,12 +196,16 @@ class PeakRss:
 
     Each process's own high-water mark is kept even after it exits (forked storescp
     children, Orthanc threads are in-process), so the sum bounds the tree's peak.
+    The CPU each process used is kept the same way (as last seen: a process that
+    exits between two polls loses at most ``interval`` of it).
     """
 
     def __init__(self, root: int, interval: float = 0.2) -> None:
         self.root = root
         self.interval = interval
         self.peaks: dict[int, int] = {}
+        self.cpu: dict[int, float] = {}
+        self.cpu_before: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-poll", daemon=True)
 
@@ -204,6 +219,7 @@ class PeakRss:
             hwm = _vm_hwm_kib(pid)
             if hwm:
                 self.peaks[pid] = max(self.peaks.get(pid, 0), hwm)
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), _cpu_seconds(pid))
             todo += _children(pid)
 
     def _run(self) -> None:
@@ -212,6 +228,7 @@ class PeakRss:
 
     def __enter__(self) -> PeakRss:
         self._sample()
+        self.cpu_before = dict(self.cpu)  # what starting up used is not counted
         self._thread.start()
         return self
 
@@ -223,6 +240,10 @@ class PeakRss:
     @property
     def mib(self) -> float:
         return sum(self.peaks.values()) / 1024
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(used - self.cpu_before.get(pid, 0.0) for pid, used in self.cpu.items())
 
 
 # ---------------------------------------------------------------- data --------------
@@ -305,6 +326,7 @@ class Measurement:
     failed: int
     received: int | None = None
     indexed_seconds: float | None = None
+    cpu_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -531,7 +553,8 @@ def measure(make: Callable[[Path], Server], files: list[Path], parallel: int,
                 sent = send(files, server.aet, server.port, parallel, workdir)
                 indexed = server.after_send(len(files), study_uid)
             m = Measurement(server.name, parallel, len(files), megabytes, sent.seconds,
-                            rss.mib, sent.failed_processes, server.received(), indexed)
+                            rss.mib, sent.failed_processes, server.received(), indexed,
+                            rss.cpu_seconds)
             if sent.failed_processes:
                 m.notes.append(f"storescu failed: {sent.stderr_tail.strip()[-200:]}")
             if isinstance(server, VnaServer) and indexed is None:
@@ -548,13 +571,14 @@ def fmt_row(cells: list[str], widths: list[int]) -> str:
 
 def print_table(results: list[Measurement], files: int, megabytes: float) -> None:
     orthanc = {m.associations: m.per_second for m in results if m.target == "Orthanc"}
-    header = ["target", "assoc", "inst/s", "MB/s", "seconds", "peak RSS MiB",
+    header = ["target", "assoc", "inst/s", "MB/s", "seconds", "CPU ms/inst", "peak RSS MiB",
               "kept", "stored->indexed s", "vs Orthanc"]
     rows = []
     for m in results:
         ref = orthanc.get(m.associations)
         rows.append([m.target, str(m.associations), f"{m.per_second:.0f}",
-                     f"{m.mb_per_second:.1f}", f"{m.seconds:.2f}", f"{m.rss_mib:.0f}",
+                     f"{m.mb_per_second:.1f}", f"{m.seconds:.2f}",
+                     f"{m.cpu_seconds * 1000 / m.count:.2f}", f"{m.rss_mib:.0f}",
                      "-" if m.received is None else str(m.received),
                      "-" if m.indexed_seconds is None else f"{m.indexed_seconds:.2f}",
                      f"{m.per_second / ref:.2f}" if ref and m.target != "Orthanc" else "-"])
@@ -571,7 +595,9 @@ def print_table(results: list[Measurement], files: int, megabytes: float) -> Non
             print(f"  note: {m.target}, {m.associations} assoc: {note}")
     print("inst/s and MB/s: first storescu start to last storescu exit (what the sender "
           "sees).\nstored->indexed: from then until every instance is queryable "
-          "(VNA indexes after it answers).\npeak RSS: sum of VmHWM over the server's "
+          "(VNA indexes after it answers).\nCPU ms/inst: user and system CPU of the "
+          "server's process tree while sending and indexing, per instance (vna up: without\n"
+          "PostgreSQL, RabbitMQ and Redis). peak RSS: sum of VmHWM over the server's "
           "process tree.")
 
 
