@@ -417,9 +417,7 @@ class SqlIndex:
                 return outcome
             with self.engine.connect() as conn:
                 return self._check(conn, claim)[0]
-        except (_SAError, _DriverError) as exc:
-            raise Unavailable(f"index database: {exc}") from exc
-        except OSError as exc:
+        except (_SAError, _DriverError, OSError) as exc:  # OSError: make_durable
             raise Unavailable(f"index database: {exc}") from exc
 
     def _claim(self, conn: Connection, claim: InstanceClaim, check_only: bool = False
