@@ -64,8 +64,9 @@ def _serve_http(deps: Deps, stop: StopSignal) -> Any:
     import uvicorn
 
     from services.dicomweb.app import create_app
+    from services.dicomweb.sendfile import SendfileExtension
 
-    config = uvicorn.Config(create_app(deps), host=deps.settings.bind,
+    config = uvicorn.Config(SendfileExtension(create_app(deps)), host=deps.settings.bind,
                             port=deps.settings.http_port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
     # uvicorn leaves signals alone outside the main thread: we handle them, so that
@@ -447,6 +448,7 @@ def cmd_http_worker(settings: Settings) -> int:
     import uvicorn
 
     from services.dicomweb.app import create_app
+    from services.dicomweb.sendfile import SendfileExtension
     from services.dicomweb.workers import CHANNEL_FD_ENV, HandedConnectionsServer
     from vna.dispatch import StoredReports
 
@@ -455,7 +457,8 @@ def cmd_http_worker(settings: Settings) -> int:
     stop = _wait_for_archive()
     channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
     deps.extras["on_stored"] = StoredReports(channel)
-    config = uvicorn.Config(create_app(deps), log_config=None, access_log=False)
+    config = uvicorn.Config(SendfileExtension(create_app(deps)), log_config=None,
+                            access_log=False)
     server = HandedConnectionsServer(config, channel)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()

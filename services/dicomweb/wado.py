@@ -33,11 +33,13 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
 from pydicom.dataset import Dataset
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from services.dicomweb.common import (
     APPLICATION_DICOM,
@@ -67,6 +69,7 @@ from services.dicomweb.negotiation import (
     frame_choices,
     sent_frame_syntax,
 )
+from services.dicomweb.sendfile import SENDFILE, Part, offers_sendfile
 from vna import metrics
 from vna.bootstrap import Deps
 from vna.dicom.transcode import TranscodeError, impossible, transcode_frame, transcode_instance
@@ -226,7 +229,7 @@ async def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -
     if planned and not refused and all(item.choices[0] == STORED for item in planned):
         fast = await run_in_threadpool(_as_stored_plan, deps, planned, overlays)
         if fast is not None:
-            return _as_stored_response(deps, fast)
+            return _as_stored_response(request, deps, fast)
     at, head = await run_in_threadpool(first)
     if head is None:
         raise HTTPException(406, "no acceptable transfer syntax can be sent: " + _summary(refused))
@@ -270,6 +273,8 @@ class _AsStored:
     """(delimiter and part headers, instance), in order."""
     length: int | None
     """The body's length when every blob's size was checked (files), else None."""
+    paths: list[Path] | None = None
+    """Each part's blob file, in order, when ``length`` is known."""
 
 
 def _as_stored_plan(deps: Deps, planned: list[_Planned], overlays: Overlays) -> _AsStored | None:
@@ -281,21 +286,22 @@ def _as_stored_plan(deps: Deps, planned: list[_Planned], overlays: Overlays) -> 
     parts = [((b"\r\n" if i else b"") + part_header(
         boundary, f"{APPLICATION_DICOM}; transfer-syntax={p.instance.transfer_syntax_uid}"),
         p.instance) for i, p in enumerate(planned)]
-    length: int | None = sum(len(head) + i.size for head, i in parts) + len(_tail(boundary))
+    length = sum(len(head) + i.size for head, i in parts) + len(_tail(boundary))
+    paths: list[Path] = []
     for _, instance in parts:
         # A Content-Length only when each blob is known to be as long as the index says.
         path = deps.blobs.local_path(instance.blob_key)
         if path is None or path.stat().st_size != instance.size:
-            length = None
-            break
-    return _AsStored(boundary, parts, length)
+            return _AsStored(boundary, parts, None)
+        paths.append(path)
+    return _AsStored(boundary, parts, length, paths)
 
 
 def _tail(boundary: str) -> bytes:
     return b"\r\n" + closing(boundary)
 
 
-def _as_stored_response(deps: Deps, plan: _AsStored) -> Response:
+def _as_stored_response(request: Request, deps: Deps, plan: _AsStored) -> Response:
     """The blobs as stored, in pieces of about ``_PIECE`` bytes.
 
     With a Content-Length the body is not chunk-encoded either. A blob that turns
@@ -333,9 +339,36 @@ def _as_stored_response(deps: Deps, plan: _AsStored) -> Response:
     if len(syntaxes) == 1:
         media_type += f"; transfer-syntax={syntaxes.pop()}"
     headers = {} if plan.length is None else {"Content-Length": str(plan.length)}
+    media_type = f"{media_type}; boundary={plan.boundary}"
+    if plan.paths is not None and offers_sendfile(request.scope):
+        return _SentFiles(plan, plan.paths, headers=headers, media_type=media_type)
     # A sync generator: Starlette reads it in a worker thread, one piece at a time.
-    return StreamingResponse(pieces(), headers=headers,
-                             media_type=f"{media_type}; boundary={plan.boundary}")
+    return StreamingResponse(pieces(), headers=headers, media_type=media_type)
+
+
+class _SentFiles(Response):
+    """The blobs as stored, from their files to the socket by the server (sendfile),
+    ``_PIECE`` bytes or so per hand-over."""
+
+    def __init__(self, plan: _AsStored, paths: list[Path], *, headers: dict[str, str],
+                 media_type: str) -> None:
+        super().__init__(headers=headers, media_type=media_type)
+        self.plan = plan
+        self.paths = paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        batch: list[Part] = []
+        size = 0
+        for (head, instance), path in zip(self.plan.parts, self.paths, strict=True):
+            batch += [head, (path, instance.size)]
+            size += len(head) + instance.size
+            if size >= _PIECE:
+                await send({"type": SENDFILE, "parts": batch, "more_body": True})
+                batch, size = [], 0
+        batch.append(_tail(self.plan.boundary))
+        await send({"type": SENDFILE, "parts": batch, "more_body": False})
 
 
 def _piece(deps: Deps, parts: list[tuple[bytes, StoredInstance]], size: int, exact: bool
