@@ -47,6 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -277,6 +278,73 @@ def lean_parallel(url: str, accept: str, clients: int) -> tuple[float, int]:
     with ThreadPoolExecutor(clients) as pool:
         sizes = [size for _, size in pool.map(lambda _: lean_get(url, accept), range(clients))]
     return time.perf_counter() - started, sum(sizes)
+
+
+def _serve_files(files: list[Path], ready: Any) -> None:
+    """A bare HTTP server: to any request, ``files`` one after the other by sendfile.
+
+    The fastest a server can send these bytes on this machine: no multipart, no
+    index, no Python between the page cache and the socket."""
+    import socket
+
+    length = sum(f.stat().st_size for f in files)
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(64)
+    ready.put(listener.getsockname()[1])
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                request += chunk
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % length)
+            for path in files:
+                with open(path, "rb") as fp:
+                    size, offset = os.fstat(fp.fileno()).st_size, 0
+                    while offset < size:
+                        offset += os.sendfile(conn.fileno(), fp.fileno(), offset, size - offset)
+
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    """What a bare sendfile server reaches with the benchmark's lean clients."""
+
+    one_mb_s: float
+    together_mb_s: float
+
+
+def wado_ceiling(files: list[Path], args: argparse.Namespace) -> Ceiling:
+    """The same files, read by the same lean clients, from ``_serve_files`` in its own
+    process: the most any server can be measured at here."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    ready = context.Queue()
+    proc = context.Process(target=_serve_files, args=(files, ready), daemon=True)
+    proc.start()
+    try:
+        url = f"http://{LOOPBACK}:{ready.get(timeout=30)}/"
+        lean_get(url, "*/*")  # the files into the page cache, as for the servers
+        one = [lean_get(url, "*/*") for _ in range(args.wado_repeat)]
+        together = [lean_parallel(url, "*/*", args.wado_clients) for _ in range(args.wado_repeat)]
+    finally:
+        proc.terminate()
+        proc.join(timeout=10)
+    ceiling = Ceiling(statistics.median(size / 1e6 / s for s, size in one),
+                      statistics.median(size / 1e6 / s for s, size in together))
+    print(f"bare sendfile server (the ceiling): {ceiling.one_mb_s:.0f} MB/s to one lean "
+          f"client, {ceiling.together_mb_s:.0f} MB/s to {args.wado_clients} at once",
+          flush=True)
+    return ceiling
 
 
 def latencies_ms(http: httpx.Client, urls: list[str], accept: str) -> tuple[list[float], int]:
@@ -602,7 +670,7 @@ def rows(vna: Figures, ref: Figures) -> list[Row]:
 
 
 def print_table(figures: list[Figures], args: argparse.Namespace, layout: QidoLayout,
-                megabytes: float) -> None:
+                megabytes: float, ceiling: Ceiling | None = None) -> None:
     ref = next((f for f in figures if f.target.startswith("Orthanc")), Figures("Orthanc"))
     for vna in (f for f in figures if f is not ref):
         table = rows(vna, ref)
@@ -635,6 +703,15 @@ def print_table(figures: list[Figures], args: argparse.Namespace, layout: QidoLa
           "read by httpx (one client, keep-alive), by a lean client (a socket into a 4 MB "
           f"buffer), and by {args.wado_clients} lean clients at once (MB/s of all of them); "
           f"metadata and frames: {args.repeat} requests each, one client, keep-alive.")
+    if ceiling is not None:
+        ref = next((f for f in figures if f.target.startswith("Orthanc")), None)
+        need = ("" if ref is None or not ref.wado_lean_mb_s or not ref.wado_parallel_mb_s
+                else f"; twice {ref.target} would be {2 * ref.wado_lean_mb_s:.0f} and "
+                     f"{2 * ref.wado_parallel_mb_s:.0f} MB/s")
+        print(f"WADO-RS ceiling here: a bare server sending the same files by sendfile "
+              f"(no multipart, no index) reached {ceiling.one_mb_s:.0f} MB/s to one lean "
+              f"client and {ceiling.together_mb_s:.0f} MB/s to {args.wado_clients} at "
+              f"once{need}.")
     if args.qido_instances:
         below = ("" if total >= ISSUE_QIDO_INSTANCES else
                  f"  BELOW issue #3's {ISSUE_QIDO_INSTANCES:,}: "
@@ -701,10 +778,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             figures = [measure(TARGETS[c][0], TARGETS[c][1], files, study_uid, args, dirs,
                                layout) for c in chosen]
+            ceiling = wado_ceiling(files, args)
         except KeyboardInterrupt:
             print("\ninterrupted: servers stopped", file=sys.stderr)
             return 130
-    print_table(figures, args, layout, megabytes)
+    print_table(figures, args, layout, megabytes, ceiling)
     return 0
 
 
