@@ -348,7 +348,7 @@ def _as_stored_response(request: Request, deps: Deps, plan: _AsStored) -> Respon
 
 class _SentFiles(Response):
     """The blobs as stored, from their files to the socket by the server (sendfile),
-    ``_PIECE`` bytes or so per hand-over."""
+    all in one hand-over: only paths are held, however large the study."""
 
     def __init__(self, plan: _AsStored, paths: list[Path], *, headers: dict[str, str],
                  media_type: str) -> None:
@@ -359,16 +359,11 @@ class _SentFiles(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
-        batch: list[Part] = []
-        size = 0
+        parts: list[Part] = []
         for (head, instance), path in zip(self.plan.parts, self.paths, strict=True):
-            batch += [head, (path, instance.size)]
-            size += len(head) + instance.size
-            if size >= _PIECE:
-                await send({"type": SENDFILE, "parts": batch, "more_body": True})
-                batch, size = [], 0
-        batch.append(_tail(self.plan.boundary))
-        await send({"type": SENDFILE, "parts": batch, "more_body": False})
+            parts += [head, (path, instance.size)]
+        parts.append(_tail(self.plan.boundary))
+        await send({"type": SENDFILE, "parts": parts, "more_body": False})
 
 
 def _piece(deps: Deps, parts: list[tuple[bytes, StoredInstance]], size: int, exact: bool
