@@ -34,11 +34,11 @@ import errno
 import os
 import select
 import socket
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 SENDFILE = "vna.http.response.sendfile"
@@ -47,6 +47,7 @@ Part = bytes | tuple[Path, int]
 
 _SEND_TIMEOUT_MS = 60_000
 """A client that takes no bytes for this long is let go (the connection closed)."""
+
 
 
 class _Cycle(Protocol):
@@ -113,9 +114,10 @@ async def _send_parts(cycle: _Cycle, parts: Sequence[Part], *, more: bool) -> No
         raise RuntimeError("Response content longer than Content-Length")
     transport = cycle.transport
     await _drained(cycle)
-    sock = transport.get_extra_info("socket")
+    # Taken here, in the loop's thread, while the connection is known open.
+    fd = os.dup(transport.get_extra_info("socket").fileno())
     try:
-        await run_in_threadpool(_write_parts, sock.fileno(), parts)
+        await _in_own_thread(_write_parts, fd, parts)
     except (BrokenPipeError, ConnectionResetError, TimeoutError):
         # The client went away (or stopped reading): as uvicorn does, stop sending.
         cycle.disconnected = True
@@ -127,6 +129,39 @@ async def _send_parts(cycle: _Cycle, parts: Sequence[Part], *, more: bool) -> No
     cycle.expected_content_length -= length
     if not more:
         await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _in_own_thread(write: Callable[[int, Sequence[Part]], None], fd: int,
+                         parts: Sequence[Part]) -> None:
+    """``write(fd, parts)`` in a thread of its own, awaited.
+
+    Not Starlette's pool: a response holds its thread for as long as its client
+    takes to read it, and slow clients must not take the threads every other
+    request runs on (40 by default). A daemon: a client that stopped reading must
+    not hold up the process's exit for the minute its writer waits. One thread per
+    response, not per part: starting one costs well under a millisecond."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            write(fd, parts)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="sendfile", daemon=True).start()
+    await done
 
 
 async def _drained(cycle: _Cycle) -> None:
@@ -148,22 +183,27 @@ async def _drained(cycle: _Cycle) -> None:
 
 
 def _write_parts(fd: int, parts: Sequence[Part]) -> None:
-    """Blocking, in a worker thread: every part to the (non-blocking) socket ``fd``.
+    """Blocking, in a thread: every part to the (non-blocking) socket ``fd``, a
+    duplicate of the connection's descriptor that this closes when done.
+
+    The duplicate keeps the socket this very connection's: were uvicorn to close
+    its own descriptor meanwhile (the client gone), the number could be given to
+    the next connection accepted, and the rest of one patient's study sent to
+    whoever made it.
 
     Corked meanwhile (Linux): a part's few header bytes then leave in one segment
     with the start of its file, not in one of their own (uvicorn's sockets do not
     delay small writes); one client read 8 % more a second."""
     cork = getattr(socket, "TCP_CORK", None)
-    if cork is None:
-        _write(fd, parts)
-        return
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    with socket.socket(fileno=fd) as sock:
+        if cork is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
         try:
             _write(fd, parts)
         finally:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, cork, 0)  # sends what is held
+            if cork is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, cork, 0)  # sends what is held
 
 
 def _write(fd: int, parts: Sequence[Part]) -> None:

@@ -12,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from anyio import to_thread
 from pydicom.uid import generate_uid
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -80,7 +82,13 @@ def app_server(files: dict[str, tuple[Path, bytes]]) -> Iterator[tuple[str, list
             parts += [f"--{name}--".encode(), (path, size)]
         return _Files(parts, offered)
 
-    app = Starlette(routes=[Route("/files", endpoint, methods=["GET", "HEAD"])])
+    async def one_thread(request: Request) -> Response:
+        # Starlette's pool down to one thread, then a request that needs it.
+        to_thread.current_default_thread_limiter().total_tokens = 1
+        return Response(str(await run_in_threadpool(lambda: 1 + 1)).encode())
+
+    app = Starlette(routes=[Route("/files", endpoint, methods=["GET", "HEAD"]),
+                            Route("/threaded", one_thread)])
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(SendfileExtension(app), host="127.0.0.1",
                                            port=port, log_config=None, access_log=False))
@@ -139,6 +147,22 @@ def test_a_client_that_leaves_midway_does_not_stop_the_server(
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
     r = httpx.get(f"{base}/files", params={"files": "cb"})
     assert r.content == _expected(files, "cb")
+
+
+def test_a_client_that_reads_nothing_holds_no_thread_of_the_app(
+        app_server: tuple[str, list[bool]]) -> None:
+    """A response being sent holds a writer thread for as long as its client takes;
+    the threads the application's other requests run on stay free."""
+    base, _ = app_server
+    assert httpx.get(f"{base}/threaded").text == "2"  # the app's pool is one thread now
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /files?files=cccc HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # 20 MiB on their way, unread
+        # Were the writer on the app's one thread, this would wait for the minute
+        # after which an unread response is given up.
+        assert httpx.get(f"{base}/threaded", timeout=20).text == "2"
 
 
 def test_not_offered_outside_uvicorn() -> None:
