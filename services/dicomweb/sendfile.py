@@ -14,7 +14,7 @@ Content-Length, the application may send
     {"type": "vna.http.response.sendfile",
      "parts": [b"bytes" or (path, size), ...], "more_body": bool}
 
-and the parts are written to the socket in a worker thread: bytes as they are,
+and the parts are written to the socket by a thread of the response's own: bytes as they are,
 files by ``os.sendfile`` (no copy through this process, no GIL held). Each file
 must have exactly ``size`` bytes; otherwise the connection is closed with the
 response unfinished, as a client must then see it. Elsewhere (HEAD, another
@@ -49,9 +49,9 @@ _SEND_TIMEOUT_MS = 60_000
 """A client that takes no bytes for this long is let go (the connection closed)."""
 
 
-
 class _Cycle(Protocol):
-    """What is used of uvicorn's per-request cycle (``httptools_impl`` / ``h11_impl``)."""
+    """What is used of uvicorn's per-request cycle (``httptools_impl``; h11's cycle
+    frames bodies itself, has no ``expected_content_length``, and is not offered)."""
 
     transport: asyncio.Transport
     flow: Any
