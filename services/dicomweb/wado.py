@@ -341,7 +341,7 @@ def _as_stored_response(request: Request, deps: Deps, plan: _AsStored) -> Respon
     headers = {} if plan.length is None else {"Content-Length": str(plan.length)}
     media_type = f"{media_type}; boundary={plan.boundary}"
     if plan.paths is not None and offers_sendfile(request.scope):
-        return _SentFiles(plan, plan.paths, headers=headers, media_type=media_type)
+        return _SentFiles(plan, headers=headers, media_type=media_type)
     # A sync generator: Starlette reads it in a worker thread, one piece at a time.
     return StreamingResponse(pieces(), headers=headers, media_type=media_type)
 
@@ -350,11 +350,11 @@ class _SentFiles(Response):
     """The blobs as stored, from their files to the socket by the server (sendfile),
     all in one hand-over: only paths are held, however large the study."""
 
-    def __init__(self, plan: _AsStored, paths: list[Path], *, headers: dict[str, str],
-                 media_type: str) -> None:
+    def __init__(self, plan: _AsStored, *, headers: dict[str, str], media_type: str) -> None:
+        assert plan.paths is not None  # a plan of local files, every size checked
         super().__init__(headers=headers, media_type=media_type)
         self.plan = plan
-        self.paths = paths
+        self.paths = plan.paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
