@@ -13,15 +13,27 @@ VNA_REDIS_URL ?= redis://127.0.0.1:6379/0
 VNA_VIEWER_DIR ?= viewer/dist
 export VNA_VIEWER_DIR
 
-.PHONY: install viewer viewer-optional run up test test-unit lint bench clean
+.PHONY: install lock viewer viewer-optional run up test test-unit lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the whole dependency tree, not only what pyproject.toml names.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
+
+## After changing a pin in pyproject.toml: resolve again, pin the result (then make test)
+lock:
+	rm -rf $(VENV).lock
+	$(PYTHON) -m venv $(VENV).lock
+	$(VENV).lock/bin/pip install --quiet --upgrade pip
+	$(VENV).lock/bin/pip install --quiet -e ".[dev]"
+	{ sed -n '/^#/p' constraints.txt; $(VENV).lock/bin/pip freeze --exclude-editable; } \
+	  > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf $(VENV).lock
 
 ## Install the OHIF viewer (@ohif/app's prebuilt dist) into $(VNA_VIEWER_DIR); fails without npm
 viewer: install
