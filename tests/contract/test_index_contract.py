@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -161,6 +162,55 @@ def test_a_sqlite_claim_is_answered_after_its_wal_is_synced(
             assert other.find_claim(claim.sop_instance_uid) == claim
         finally:
             other.close()
+    finally:
+        index.close()
+
+
+def test_a_sqlite_write_returns_durable_and_syncs_after_the_write_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The relay's and the indexer's writes commit under the write lock and sync the
+    # WAL once it is released: every receiver's claim need not wait for that sync.
+    database = tmp_path / "index.sqlite"
+    index = SqlIndex.from_url(f"sqlite:///{database}")
+    synced: list[tuple[str, bool]] = []
+    real_fdatasync = os.fdatasync
+
+    def lock_is_free() -> bool:
+        fd = os.open(f"{database}.lock", os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)  # closing the descriptor drops a lock taken here
+        return True
+
+    def fdatasync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), lock_is_free()))
+        real_fdatasync(fd)
+
+    try:
+        claim, event = _claim()
+        index.claim(claim, event)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        relayed: list[tuple[str, bytes]] = []
+        assert index.relay_outbox(relayed.extend) == 1
+        assert synced == [(f"{database}-wal", True)]
+        assert index.outbox_depth() == 0
+        # A write that fails commits nothing and waits for no sync.
+        synced.clear()
+        with pytest.raises(RuntimeError), index._write() as conn:
+            conn.exec_driver_sql("DELETE FROM claims")
+            raise RuntimeError("abandoned")
+        assert synced == []
+        assert index.find_claim(claim.sop_instance_uid) == claim
+        # Every pooled connection is handed out as make_engine set it: FULL (2).
+        held = [index.engine.connect() for _ in range(index.engine.pool.checkedin() + 1)]
+        try:
+            assert {c.exec_driver_sql("PRAGMA synchronous").scalar() for c in held} == {2}
+        finally:
+            for c in held:
+                c.close()
     finally:
         index.close()
 

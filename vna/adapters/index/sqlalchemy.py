@@ -908,6 +908,11 @@ class _DriverConnections:
         self._database = database if database and database != ":memory:" else ""
         self._directory_synced = False
 
+    @property
+    def database(self) -> str:
+        """The database file; '' in memory."""
+        return self._database
+
     @contextlib.contextmanager
     def cursor(self) -> Iterator[Any]:
         connection: Any
@@ -985,12 +990,20 @@ class SqliteWriteLock:
 
 
 class _WriteTx:
-    """``with index._write() as conn``: one transaction, serialised for SQLite."""
+    """``with index._write() as conn``: one transaction, serialised for SQLite.
+
+    SQLite (a file): committed with ``synchronous=NORMAL`` under the write lock,
+    then made durable by an fdatasync of the WAL once the lock is released, as
+    the store path's claims are (``_DriverConnections``): the exit returns only
+    when the transaction is durable, but the next writer does not wait for this
+    one's sync. The main process of ``vna run`` relays and indexes here, and
+    with the sync inside the lock every receiver's claim queued behind it."""
 
     def __init__(self, index: SqlIndex) -> None:
         self.index = index
         self._ctx: Any = None
         self._conn: Any = None
+        self._sync_after = False
 
     def __enter__(self) -> Connection:
         if self.index.dialect == "sqlite":
@@ -998,11 +1011,16 @@ class _WriteTx:
         try:
             self._conn = self.index.engine.connect()
             self._conn.info["write"] = True
+            self._sync_after = (self.index.dialect == "sqlite"
+                                and bool(self.index._store_connections.database))
+            if self._sync_after:
+                self._driver().execute("PRAGMA synchronous=NORMAL")
             self._ctx = self._conn.begin()
             self._ctx.__enter__()
             conn: Connection = self._conn
             return conn
         except BaseException:
+            self._close()
             if self.index.dialect == "sqlite":
                 self.index._sqlite_write.release()
             raise
@@ -1012,11 +1030,31 @@ class _WriteTx:
             try:
                 self._ctx.__exit__(*exc)
             finally:
-                self._conn.info.pop("write", None)
-                self._conn.close()
+                self._close()
         finally:
             if self.index.dialect == "sqlite":
                 self.index._sqlite_write.release()
+        if self._sync_after and exc[0] is None:
+            try:
+                self.index._store_connections.make_durable()
+            except OSError as error:
+                raise Unavailable(f"index database: {error}") from error
+
+    def _driver(self) -> Any:
+        return self._conn.connection.driver_connection
+
+    def _close(self) -> None:
+        """Back to the pool as the pool hands connections out (synchronous=FULL);
+        a connection whose setting cannot be restored is discarded instead."""
+        if self._conn is None:
+            return
+        self._conn.info.pop("write", None)
+        if self._sync_after:
+            try:
+                self._driver().execute("PRAGMA synchronous=FULL")
+            except (_DriverError, _SAError):
+                self._conn.invalidate()
+        self._conn.close()
 
 
 def _columns(values: dict[str, Any], level: Level) -> dict[str, Any]:
