@@ -6,6 +6,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -302,3 +303,51 @@ def test_filesystem_syncs_the_blob_then_every_name_it_made(
     staged.write_bytes(b"x")
     assert store.put_file(sibling, staged)
     assert synced == [staged, second]
+    # Already there ("stored" all the same): perhaps another writer's name, linked
+    # and not yet synced by it, so its directory is synced before the answer.
+    synced.clear()
+    again = staging.root / "again"
+    again.write_bytes(b"x")
+    assert not store.put_file(sibling, again)
+    assert synced == [second]
+
+
+def test_filesystem_syncs_names_another_writer_made_before_answering(
+        tmp_path: Path, staging: Staging, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another receiver makes the directories, or links the same blob, a moment
+    # before this one: its syncs may not have happened yet, and this writer's
+    # caller answers "stored" on its word, so this writer syncs those names too.
+    import vna.adapters.blob.filesystem as filesystem
+
+    synced: list[Path] = []
+    real_sync, real_mkdir, real_link = filesystem.sync_path, Path.mkdir, os.link
+
+    def recording(path: Path, *, data_only: bool = False) -> None:
+        synced.append(Path(path))
+        real_sync(path, data_only=data_only)
+
+    def made_by_another(self: Path, *args: Any, **kwargs: Any) -> None:
+        real_mkdir(self, *args, **kwargs)
+        raise FileExistsError(self)
+
+    def linked_by_another(source: Any, target: Any) -> None:
+        real_link(source, target)
+        raise FileExistsError(target)
+
+    root = tmp_path / "blobs"
+    store = FilesystemBlobStore(root)
+    monkeypatch.setattr(filesystem, "sync_path", recording)
+    monkeypatch.setattr(Path, "mkdir", made_by_another)
+    key, path = staging.file(_payload(100, seed=2))
+    assert store.put_file(key, path)
+    first, second = root / key[:2], root / key[:2] / key[2:4]
+    assert synced == [path, root, first, second]
+
+    synced.clear()
+    monkeypatch.setattr(filesystem.os, "link", linked_by_another)
+    other = BlobKey(key[:4] + "1" * 60)
+    staged = staging.root / "other"
+    staged.write_bytes(b"y")
+    assert not store.put_file(other, staged)
+    assert synced == [staged, second]
+    assert (second / other).exists()

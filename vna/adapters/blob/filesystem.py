@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -39,9 +40,12 @@ class FilesystemBlobStore:
 
     def put_file(self, key: BlobKey, path: Path) -> bool:
         target = self._path(key)
-        if target.exists():
-            return False
         try:
+            if target.exists():
+                # Perhaps another writer's, linked and not yet synced: our caller
+                # answers "stored" on this, so the name must be durable first.
+                sync_path(target.parent)
+                return False
             sync_path(path)
             try:
                 return self._link(path, target)
@@ -71,6 +75,7 @@ class FilesystemBlobStore:
         try:
             os.link(source, target)
         except FileExistsError:
+            sync_path(target.parent)  # another writer's name: durable before we say so
             return False
         except FileNotFoundError:
             if not source.exists():
@@ -79,6 +84,7 @@ class FilesystemBlobStore:
             try:
                 os.link(source, target)
             except FileExistsError:
+                sync_path(target.parent)
                 return False
         sync_path(target.parent)
         return True
@@ -95,10 +101,10 @@ class FilesystemBlobStore:
             missing.append(directory)
             directory = directory.parent
         for made in reversed(missing):
-            try:
+            # Made by another writer, its name is perhaps not synced yet, and the
+            # blob linked into it next would be acknowledged first: sync it anyway.
+            with contextlib.suppress(FileExistsError):
                 made.mkdir()
-            except FileExistsError:
-                continue  # another writer made it, and syncs its name
             sync_path(made.parent)
 
     def exists(self, key: BlobKey) -> bool:
