@@ -116,6 +116,17 @@ def test_a_failed_transaction_leaves_nothing(store: WorklistStore) -> None:
         assert [r for r in tx.audit_trail() if r.subject == "x"] == []
 
 
+def test_reading_sees_what_was_committed(store: WorklistStore) -> None:
+    with store.reading() as tx:
+        assert tx.find_orders(accession_number="ACC1") == []
+    with store.transaction() as tx:
+        tx.put_order(order())
+    with store.reading() as tx:
+        [found] = tx.find_orders(accession_number="ACC1")
+        assert found.accession_number == "ACC1"
+        assert tx.bindings(study_instance_uid=found.study_instance_uid) == []
+
+
 def test_messages_patients_merges(store: WorklistStore) -> None:
     with store.transaction() as tx:
         tx.record_message("RIS|H|1", "ORM^O01", "AA")

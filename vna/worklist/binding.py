@@ -12,11 +12,12 @@ import json
 import logging
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from vna.events import Event, InstanceIndexed, StudyComplete
 from vna.ports import Index
 from vna.worklist.model import (
+    AuditRecord,
     Binding,
     MppsStatus,
     Order,
@@ -54,11 +55,78 @@ def bind_instances(events: list[Event], *, store: WorklistStore, index: Index) -
         if values is not None:
             seen.setdefault((event.study_instance_uid, *values), None)
     for study, accession, patient_id, issuer in seen:
-        with store.transaction() as tx:
+        # Nearly always the study was bound or queued by its first instance, and
+        # there is nothing to write: decided in a reading transaction, without the
+        # write lock that (SQLite) every receiver's claim waits for.
+        try:
+            with store.reading() as reading:
+                bind_study(study, accession_number=accession, patient_id=patient_id,
+                           issuer_of_patient_id=issuer, tx=_ReadingTx(reading))
+            continue
+        except _NeedsWrite:
+            pass
+        with store.transaction() as tx:  # decided again: it may have changed since
             bind_study(study, accession_number=accession, patient_id=patient_id,
                        issuer_of_patient_id=issuer, tx=tx)
     for study in dict.fromkeys(key[0] for key in seen):
         check_study_complete(study, store=store, index=index)
+
+
+class BindingTx(Protocol):
+    """What ``bind_study`` reads and writes of a worklist transaction."""
+
+    def bindings(self, *, study_instance_uid: str | None = None,
+                 order_id: str | None = None) -> list[Binding]: ...
+
+    def open_reconciliation(self, study_instance_uid: str) -> ReconciliationItem | None: ...
+
+    def find_orders(self, *, accession_number: str | None = None,
+                    study_instance_uid: str | None = None) -> list[Order]: ...
+
+    def put_binding(self, binding: Binding) -> bool: ...
+
+    def put_reconciliation(self, item: ReconciliationItem) -> None: ...
+
+    def audit(self, action: str, outcome: str, *, actor: str = "", subject: str = "",
+              detail: str = "") -> AuditRecord: ...
+
+
+class _NeedsWrite(Exception):
+    """``bind_study`` would write: decide again in a write transaction."""
+
+
+class _ReadingTx:
+    """A ``BindingTx`` over a reading transaction: it reads, and stops at the first
+    write ``bind_study`` would make. A binding already recorded is answered as the
+    write transaction would answer it (False), without writing."""
+
+    def __init__(self, tx: WorklistTx) -> None:
+        self._tx = tx
+
+    def bindings(self, *, study_instance_uid: str | None = None,
+                 order_id: str | None = None) -> list[Binding]:
+        return self._tx.bindings(study_instance_uid=study_instance_uid, order_id=order_id)
+
+    def open_reconciliation(self, study_instance_uid: str) -> ReconciliationItem | None:
+        return self._tx.open_reconciliation(study_instance_uid)
+
+    def find_orders(self, *, accession_number: str | None = None,
+                    study_instance_uid: str | None = None) -> list[Order]:
+        return self._tx.find_orders(accession_number=accession_number,
+                                    study_instance_uid=study_instance_uid)
+
+    def put_binding(self, binding: Binding) -> bool:
+        if self._tx.bindings(study_instance_uid=binding.study_instance_uid,
+                             order_id=binding.order_id):
+            return False
+        raise _NeedsWrite
+
+    def put_reconciliation(self, item: ReconciliationItem) -> None:
+        raise _NeedsWrite
+
+    def audit(self, action: str, outcome: str, *, actor: str = "", subject: str = "",
+              detail: str = "") -> AuditRecord:
+        raise _NeedsWrite
 
 
 def _binding_values(event: InstanceIndexed, index: Index) -> tuple[str, str, str] | None:
@@ -89,7 +157,7 @@ def _mismatch(order: Order, accession_number: str, patient_id: str, issuer: str)
 
 
 def bind_study(study_instance_uid: str, *, accession_number: str, patient_id: str,
-               issuer_of_patient_id: str, tx: WorklistTx) -> Binding | ReconciliationItem | None:
+               issuer_of_patient_id: str, tx: BindingTx) -> Binding | ReconciliationItem | None:
     """Bind the study to its order, or queue it for reconciliation; None if already done."""
     bound = tx.bindings(study_instance_uid=study_instance_uid)
     if any(b.how == "reconciled" for b in bound):
@@ -136,7 +204,7 @@ def bind_study(study_instance_uid: str, *, accession_number: str, patient_id: st
 def check_study_complete(study_instance_uid: str, *, store: WorklistStore, index: Index) -> bool:
     """Publish ``study.complete`` once every instance the study's completed MPPS list is
     indexed; True when it was published by this call."""
-    with store.transaction() as tx:
+    with store.reading() as tx:
         steps = [m for m in tx.mpps_for_study(study_instance_uid)
                  if m.status is MppsStatus.COMPLETED]
     expected = {p.sop_instance_uid for m in steps for p in m.performed}

@@ -192,6 +192,13 @@ class MemoryWorklistStore:
             work.pending_events = []
             self._state = work
 
+    @contextmanager
+    def reading(self) -> Iterator[_MemoryTx]:
+        if not self.available:
+            raise Unavailable("worklist store is unavailable")
+        with self._lock:
+            yield _MemoryTx(self._state)  # the state as committed; nothing is written
+
     def check(self) -> None:
         if not self.available:
             raise Unavailable("worklist store is unavailable")

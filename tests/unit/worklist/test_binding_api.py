@@ -86,6 +86,37 @@ def test_matching_images_are_bound(world: World) -> None:
     assert body["bindings"][0]["study_instance_uid"] == order.study_instance_uid
 
 
+def test_a_study_already_decided_takes_no_write_transaction(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every instance after a study's first finds it bound (or queued) already: the
+    # binder decides that by reading, without the write lock claims wait for.
+    order = world.order("B5", "PB5")
+    orphan = world.send(1, accession="NOORDER5", patient_id="PB5")
+    [first] = world.send(1, study_uid=order.study_instance_uid, accession="B5",
+                         patient_id="PB5")
+    writes: list[int] = []
+    transaction = world.store.transaction
+
+    def counted() -> object:
+        writes.append(1)
+        return transaction()
+
+    monkeypatch.setattr(world.store, "transaction", counted)
+    world.send(2, study_uid=order.study_instance_uid, accession="B5", patient_id="PB5")
+    world.send(2, study_uid=orphan[0].StudyInstanceUID, accession="NOORDER5",
+               patient_id="PB5")
+    assert writes == []
+    # A new decision still writes: another accession in the bound study is a mismatch.
+    world.send(1, study_uid=order.study_instance_uid, accession="OTHER", patient_id="PB5")
+    assert writes == [1]
+    monkeypatch.undo()
+    with world.store.transaction() as tx:
+        assert [b.order_id for b in tx.bindings(study_instance_uid=first.StudyInstanceUID)
+                ] == [order.order_id]
+        queued = {i.study_instance_uid for i in tx.reconciliations()}
+    assert queued == {orphan[0].StudyInstanceUID, order.study_instance_uid}
+
+
 def test_mismatches_go_to_reconciliation_and_are_resolved(world: World) -> None:
     order = world.order("B2", "PB2")
     # Right accession, wrong patient; and a study no order knows.

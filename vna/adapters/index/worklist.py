@@ -329,16 +329,7 @@ class SqlWorklistStore:
         if sqlite_db:
             self._write_lock.acquire()
         try:
-            try:
-                conn = self.engine.connect()
-            except _SAError as exc:
-                raise Unavailable(f"worklist database: {exc}") from exc
-            try:
-                conn.info["write"] = True  # SQLite: BEGIN IMMEDIATE (see make_engine)
-                try:
-                    tx = conn.begin()
-                except _SAError as exc:
-                    raise Unavailable(f"worklist database: {exc}") from exc
+            with self._begun(write=True) as (conn, tx):
                 try:
                     yield SqlWorklistTx(conn, self.dialect)
                 except _SAError as exc:
@@ -351,12 +342,41 @@ class SqlWorklistStore:
                     tx.commit()
                 except _SAError as exc:
                     raise Unavailable(f"worklist database: {exc}") from exc
-            finally:
-                conn.info.pop("write", None)
-                conn.close()
         finally:
             if sqlite_db:
                 self._write_lock.release()
+
+    @contextmanager
+    def reading(self) -> Iterator[SqlWorklistTx]:
+        """A read transaction: SQLite's deferred BEGIN (a snapshot of the WAL, no
+        write lock), rolled back at the end."""
+        with self._begun(write=False) as (conn, tx):
+            try:
+                yield SqlWorklistTx(conn, self.dialect)
+            except _SAError as exc:
+                raise Unavailable(f"worklist database: {exc}") from exc
+            finally:
+                tx.rollback()
+
+    @contextmanager
+    def _begun(self, *, write: bool) -> Iterator[tuple[Connection, Any]]:
+        """A connection and its transaction begun (SQLite: BEGIN IMMEDIATE when
+        ``write``, see make_engine); a failure to get either is Unavailable."""
+        try:
+            conn = self.engine.connect()
+        except _SAError as exc:
+            raise Unavailable(f"worklist database: {exc}") from exc
+        try:
+            if write:
+                conn.info["write"] = True
+            try:
+                tx = conn.begin()
+            except _SAError as exc:
+                raise Unavailable(f"worklist database: {exc}") from exc
+            yield conn, tx
+        finally:
+            conn.info.pop("write", None)
+            conn.close()
 
     def check(self) -> None:
         try:
