@@ -177,6 +177,35 @@ def test_reconciliation_queue(store: WorklistStore) -> None:
         assert tx.reconciliations(ReconciliationStatus.OPEN) == []
 
 
+def test_which_studies_of_a_batch_are_held_or_have_an_mpps_done(store: WorklistStore) -> None:
+    # The binder asks once per batch: "1.1" waits in the queue, "1.2" was linked by
+    # a person, "1.3" is bound as ordered, "1.4" left the queue rejected; only
+    # "1.5"'s MPPS is COMPLETED ("1.3"'s is in progress).
+    def mpps(uid: str, study: str, status: MppsStatus) -> MppsInstance:
+        return MppsInstance(sop_instance_uid=uid, status=status, attributes_json="{}",
+                            study_instance_uid=study)
+
+    with store.transaction() as tx:
+        tx.put_reconciliation(ReconciliationItem(item_id="i1", study_instance_uid="1.1",
+                                                 reason="no order"))
+        tx.put_reconciliation(ReconciliationItem(
+            item_id="i4", study_instance_uid="1.4", reason="no order",
+            status=ReconciliationStatus.REJECTED))
+        tx.put_binding(Binding(study_instance_uid="1.2", order_id="a", accession_number="A",
+                               patient_id="P1", how="reconciled"))
+        tx.put_binding(Binding(study_instance_uid="1.3", order_id="b", accession_number="B",
+                               patient_id="P1"))
+        tx.put_mpps(mpps("9.1", "1.3", MppsStatus.IN_PROGRESS))
+        tx.put_mpps(mpps("9.2", "1.5", MppsStatus.COMPLETED))
+        tx.put_mpps(mpps("9.3", "1.5", MppsStatus.COMPLETED))
+    batch = ["1.1", "1.2", "1.3", "1.4", "1.5", "1.6"]
+    with store.reading() as tx:
+        assert tx.held_for_reconciliation(batch) == {"1.1", "1.2"}
+        assert tx.held_for_reconciliation(["1.3", "1.6"]) == set()
+        assert tx.studies_with_completed_mpps(batch) == {"1.5"}
+        assert tx.studies_with_completed_mpps(["1.3"]) == set()
+
+
 def test_audit_chain_and_events(store: WorklistStore) -> None:
     event = InstanceIndexed(sop_instance_uid="1.2.3.1.1", study_instance_uid="1.2.3",
                             series_instance_uid="1.2.3.1", blob_key=BlobKey("0" * 64),

@@ -54,10 +54,20 @@ def bind_instances(events: list[Event], *, store: WorklistStore, index: Index) -
         values = _binding_values(event, index)
         if values is not None:
             seen.setdefault((event.study_instance_uid, *values), None)
+    if not seen:
+        return
+    studies = list(dict.fromkeys(key[0] for key in seen))
+    # One look for the whole batch (a batch may hold instances of many studies):
+    # which studies wait for or were settled by a person, which have an MPPS done.
+    with store.reading() as reading:
+        held = reading.held_for_reconciliation(studies)
+        with_mpps = reading.studies_with_completed_mpps(studies)
     for study, accession, patient_id, issuer in seen:
-        # Nearly always the study was bound or queued by its first instance, and
-        # there is nothing to write: decided in a reading transaction, without the
-        # write lock that (SQLite) every receiver's claim waits for.
+        if study in held:
+            continue  # bind_study would leave it as it is
+        # Nearly always the study was bound by its first instance, and there is
+        # nothing to write: decided in a reading transaction, without the write
+        # lock that (SQLite) every receiver's claim waits for.
         try:
             with store.reading() as reading:
                 bind_study(study, accession_number=accession, patient_id=patient_id,
@@ -68,8 +78,9 @@ def bind_instances(events: list[Event], *, store: WorklistStore, index: Index) -
         with store.transaction() as tx:  # decided again: it may have changed since
             bind_study(study, accession_number=accession, patient_id=patient_id,
                        issuer_of_patient_id=issuer, tx=tx)
-    for study in dict.fromkeys(key[0] for key in seen):
-        check_study_complete(study, store=store, index=index)
+    for study in studies:
+        if study in with_mpps:  # else nothing can be complete yet (MPPS checks on its own)
+            check_study_complete(study, store=store, index=index)
 
 
 class BindingTx(Protocol):

@@ -15,6 +15,7 @@ from vna.worklist.model import (
     AuditRecord,
     Binding,
     MppsInstance,
+    MppsStatus,
     Order,
     OrderStatus,
     PatientMerge,
@@ -104,6 +105,11 @@ class _MemoryTx:
     def mpps_for_study(self, study_instance_uid: str) -> list[MppsInstance]:
         return [m for m in self.s.mpps.values() if m.study_instance_uid == study_instance_uid]
 
+    def studies_with_completed_mpps(self, study_instance_uids: Collection[str]) -> set[str]:
+        wanted = set(study_instance_uids)
+        return {m.study_instance_uid for m in self.s.mpps.values()
+                if m.status is MppsStatus.COMPLETED and m.study_instance_uid in wanted}
+
     def put_binding(self, binding: Binding) -> bool:
         key = (binding.study_instance_uid, binding.order_id)
         if key in self.s.bindings:
@@ -135,6 +141,13 @@ class _MemoryTx:
                     and item.status is ReconciliationStatus.OPEN):
                 return item
         return None
+
+    def held_for_reconciliation(self, study_instance_uids: Collection[str]) -> set[str]:
+        wanted = set(study_instance_uids)
+        held = {i.study_instance_uid for i in self.s.reconciliation.values()
+                if i.status is ReconciliationStatus.OPEN}
+        held |= {b.study_instance_uid for b in self.s.bindings.values() if b.how == "reconciled"}
+        return held & wanted
 
     def put_reconciliation(self, item: ReconciliationItem) -> None:
         self.s.reconciliation[item.item_id] = item

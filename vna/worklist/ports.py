@@ -67,6 +67,10 @@ class WorklistTx(Protocol):
 
     def mpps_for_study(self, study_instance_uid: str) -> list[MppsInstance]: ...
 
+    def studies_with_completed_mpps(self, study_instance_uids: Collection[str]) -> set[str]:
+        """Those of these studies that a COMPLETED MPPS names (one look for a batch)."""
+        ...
+
     # ---- bindings and study completeness
     def put_binding(self, binding: Binding) -> bool:
         """Record ``binding``; False when that study was already bound to that order."""
@@ -85,6 +89,12 @@ class WorklistTx(Protocol):
 
     def open_reconciliation(self, study_instance_uid: str) -> ReconciliationItem | None:
         """The study's OPEN item, if it has one."""
+        ...
+
+    def held_for_reconciliation(self, study_instance_uids: Collection[str]) -> set[str]:
+        """Those of these studies that an OPEN item holds in the reconciliation queue,
+        or that a person bound (a 'reconciled' binding): new images of them change
+        nothing (``bind_study``). One look for a batch."""
         ...
 
     def put_reconciliation(self, item: ReconciliationItem) -> None: ...

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select, text, union
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.exc import IntegrityError
@@ -167,6 +167,12 @@ class SqlWorklistTx:
             .order_by(wl_mpps.c.created_at)).mappings()
         return [_mpps(r) for r in rows]
 
+    def studies_with_completed_mpps(self, study_instance_uids: Collection[str]) -> set[str]:
+        return set(self.conn.execute(
+            select(wl_mpps.c.study_instance_uid).distinct().where(
+                wl_mpps.c.study_instance_uid.in_(list(study_instance_uids)),
+                wl_mpps.c.status == MppsStatus.COMPLETED.value)).scalars())
+
     # ---- bindings
     def put_binding(self, binding: Binding) -> bool:
         insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(
@@ -206,6 +212,15 @@ class SqlWorklistTx:
             wl_reconciliation.c.study_instance_uid == study_instance_uid,
             wl_reconciliation.c.status == ReconciliationStatus.OPEN.value)).mappings().first()
         return _item(row) if row else None
+
+    def held_for_reconciliation(self, study_instance_uids: Collection[str]) -> set[str]:
+        wanted = list(study_instance_uids)
+        waiting = select(wl_reconciliation.c.study_instance_uid).where(
+            wl_reconciliation.c.study_instance_uid.in_(wanted),
+            wl_reconciliation.c.status == ReconciliationStatus.OPEN.value)
+        decided = select(wl_bindings.c.study_instance_uid).where(
+            wl_bindings.c.study_instance_uid.in_(wanted), wl_bindings.c.how == "reconciled")
+        return set(self.conn.execute(union(waiting, decided)).scalars())
 
     def put_reconciliation(self, item: ReconciliationItem) -> None:
         self._upsert(wl_reconciliation, {**item.model_dump(), "status": item.status.value},
