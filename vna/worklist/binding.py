@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, Protocol
 
 from vna.events import Event, InstanceIndexed, StudyComplete
@@ -57,24 +57,25 @@ def bind_instances(events: list[Event], *, store: WorklistStore, index: Index) -
     if not seen:
         return
     studies = list(dict.fromkeys(key[0] for key in seen))
-    # One look for the whole batch (a batch may hold instances of many studies):
-    # which studies wait for or were settled by a person, which have an MPPS done.
+    # Nearly always each study was bound or queued by its first instance, and there
+    # is nothing to write: the whole batch is decided in one reading transaction,
+    # without the write lock that (SQLite) every receiver's claim waits for. A
+    # batch may hold instances of many studies: held studies and finished MPPS
+    # are asked for all of them at once.
+    undecided: list[tuple[str, str, str, str]] = []
     with store.reading() as reading:
         held = reading.held_for_reconciliation(studies)
         with_mpps = reading.studies_with_completed_mpps(studies)
-    for study, accession, patient_id, issuer in seen:
-        if study in held:
-            continue  # bind_study would leave it as it is
-        # Nearly always the study was bound by its first instance, and there is
-        # nothing to write: decided in a reading transaction, without the write
-        # lock that (SQLite) every receiver's claim waits for.
-        try:
-            with store.reading() as reading:
+        for key in seen:
+            study, accession, patient_id, issuer = key
+            if study in held:
+                continue  # bind_study would leave it as it is
+            try:
                 bind_study(study, accession_number=accession, patient_id=patient_id,
-                           issuer_of_patient_id=issuer, tx=_ReadingTx(reading))
-            continue
-        except _NeedsWrite:
-            pass
+                           issuer_of_patient_id=issuer, tx=_ReadingTx(reading, held))
+            except _NeedsWrite:
+                undecided.append(key)
+    for study, accession, patient_id, issuer in undecided:
         with store.transaction() as tx:  # decided again: it may have changed since
             bind_study(study, accession_number=accession, patient_id=patient_id,
                        issuer_of_patient_id=issuer, tx=tx)
@@ -86,10 +87,10 @@ def bind_instances(events: list[Event], *, store: WorklistStore, index: Index) -
 class BindingTx(Protocol):
     """What ``bind_study`` reads and writes of a worklist transaction."""
 
+    def held_for_reconciliation(self, study_instance_uids: Collection[str]) -> set[str]: ...
+
     def bindings(self, *, study_instance_uid: str | None = None,
                  order_id: str | None = None) -> list[Binding]: ...
-
-    def open_reconciliation(self, study_instance_uid: str) -> ReconciliationItem | None: ...
 
     def find_orders(self, *, accession_number: str | None = None,
                     study_instance_uid: str | None = None) -> list[Order]: ...
@@ -107,19 +108,25 @@ class _NeedsWrite(Exception):
 
 
 class _ReadingTx:
-    """A ``BindingTx`` over a reading transaction: it reads, and stops at the first
-    write ``bind_study`` would make. A binding already recorded is answered as the
-    write transaction would answer it (False), without writing."""
+    """A ``BindingTx`` over the batch's reading transaction: it reads, and stops at
+    the first write ``bind_study`` would make. What the batch already read (its
+    held studies, a study's bindings) is answered from that, not read again: a
+    binding already recorded is answered as the write transaction would (False)."""
 
-    def __init__(self, tx: WorklistTx) -> None:
+    def __init__(self, tx: WorklistTx, held: set[str]) -> None:
         self._tx = tx
+        self._held = held
+        self._bound: dict[str, list[Binding]] = {}
+
+    def held_for_reconciliation(self, study_instance_uids: Collection[str]) -> set[str]:
+        return self._held.intersection(study_instance_uids)
 
     def bindings(self, *, study_instance_uid: str | None = None,
                  order_id: str | None = None) -> list[Binding]:
-        return self._tx.bindings(study_instance_uid=study_instance_uid, order_id=order_id)
-
-    def open_reconciliation(self, study_instance_uid: str) -> ReconciliationItem | None:
-        return self._tx.open_reconciliation(study_instance_uid)
+        found = self._tx.bindings(study_instance_uid=study_instance_uid, order_id=order_id)
+        if study_instance_uid is not None and order_id is None:
+            self._bound[study_instance_uid] = found
+        return found
 
     def find_orders(self, *, accession_number: str | None = None,
                     study_instance_uid: str | None = None) -> list[Order]:
@@ -127,8 +134,10 @@ class _ReadingTx:
                                     study_instance_uid=study_instance_uid)
 
     def put_binding(self, binding: Binding) -> bool:
-        if self._tx.bindings(study_instance_uid=binding.study_instance_uid,
-                             order_id=binding.order_id):
+        bound = self._bound.get(binding.study_instance_uid)
+        if bound is None:
+            bound = self.bindings(study_instance_uid=binding.study_instance_uid)
+        if any(b.order_id == binding.order_id for b in bound):
             return False
         raise _NeedsWrite
 
@@ -170,12 +179,10 @@ def _mismatch(order: Order, accession_number: str, patient_id: str, issuer: str)
 def bind_study(study_instance_uid: str, *, accession_number: str, patient_id: str,
                issuer_of_patient_id: str, tx: BindingTx) -> Binding | ReconciliationItem | None:
     """Bind the study to its order, or queue it for reconciliation; None if already done."""
+    if tx.held_for_reconciliation([study_instance_uid]):
+        # A person decides, or decided; the instance's own header stays as received.
+        return None
     bound = tx.bindings(study_instance_uid=study_instance_uid)
-    if any(b.how == "reconciled" for b in bound):
-        # A person decided; the instance's own header stays as received.
-        return None
-    if tx.open_reconciliation(study_instance_uid) is not None:
-        return None
     candidates = tx.find_orders(study_instance_uid=study_instance_uid)
     if not candidates and accession_number:
         # The modality made its own Study Instance UID: the accession still binds it.
