@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 import threading
@@ -13,6 +12,7 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
+from tests.contract.wal_syncs import pooled_synchronous_settings, record_wal_syncs
 from vna.adapters.index.sqlalchemy import SqlIndex
 from vna.dicom.header import extract_record
 from vna.dicom.matching import Level, build_query
@@ -172,27 +172,10 @@ def test_a_sqlite_write_returns_durable_and_syncs_after_the_write_lock(
     # WAL once it is released: every receiver's claim need not wait for that sync.
     database = tmp_path / "index.sqlite"
     index = SqlIndex.from_url(f"sqlite:///{database}")
-    synced: list[tuple[str, bool]] = []
-    real_fdatasync = os.fdatasync
-
-    def lock_is_free() -> bool:
-        fd = os.open(f"{database}.lock", os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        finally:
-            os.close(fd)  # closing the descriptor drops a lock taken here
-        return True
-
-    def fdatasync(fd: int) -> None:
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), lock_is_free()))
-        real_fdatasync(fd)
-
     try:
         claim, event = _claim()
         index.claim(claim, event)
-        monkeypatch.setattr(os, "fdatasync", fdatasync)
+        synced = record_wal_syncs(monkeypatch, database)
         relayed: list[tuple[str, bytes]] = []
         assert index.relay_outbox(relayed.extend) == 1
         assert synced == [(f"{database}-wal", True)]
@@ -205,12 +188,7 @@ def test_a_sqlite_write_returns_durable_and_syncs_after_the_write_lock(
         assert synced == []
         assert index.find_claim(claim.sop_instance_uid) == claim
         # Every pooled connection is handed out as make_engine set it: FULL (2).
-        held = [index.engine.connect() for _ in range(index.engine.pool.checkedin() + 1)]
-        try:
-            assert {c.exec_driver_sql("PRAGMA synchronous").scalar() for c in held} == {2}
-        finally:
-            for c in held:
-                c.close()
+        assert pooled_synchronous_settings(index.engine) == {2}
     finally:
         index.close()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from tests.contract.wal_syncs import pooled_synchronous_settings, record_wal_syncs
 from vna.adapters.index.sqlalchemy import SqlIndex, ensure_database
 from vna.adapters.index.worklist import SqlWorklistStore
 from vna.events import InstanceIndexed
@@ -114,6 +115,39 @@ def test_a_failed_transaction_leaves_nothing(store: WorklistStore) -> None:
         assert tx.find_orders() == []
         assert tx.message_ack("RIS|H|1") is None
         assert [r for r in tx.audit_trail() if r.subject == "x"] == []
+
+
+def test_a_sqlite_worklist_write_is_durable_on_return_and_synced_after_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Beside the index (vna run), binding, MPPS and HL7 writes take the write lock
+    # every receiver's claim takes: they commit under it and sync the WAL once it is
+    # released, as the index's own writes do.
+    database = tmp_path / "index.sqlite"
+    index = SqlIndex.from_url(f"sqlite:///{database}")
+    wl = SqlWorklistStore.beside(index)
+    synced = record_wal_syncs(monkeypatch, database)
+    try:
+        placed = order()
+        with wl.transaction() as tx:
+            tx.put_order(placed)
+        assert synced == [(f"{database}-wal", True)]
+        # A transaction that fails commits nothing and waits for no sync.
+        synced.clear()
+        with pytest.raises(RuntimeError), wl.transaction() as tx:
+            tx.put_order(order(scheduled_procedure_step_id="SPS2"))
+            raise RuntimeError("abandoned")
+        assert synced == []
+        # Another process's view (its own connection) has the committed order only.
+        other = SqlWorklistStore.from_url(f"sqlite:///{database}", run_migrations=False)
+        try:
+            with other.reading() as tx:
+                assert [o.order_id for o in tx.find_orders()] == [placed.order_id]
+        finally:
+            other.close()
+        # Every pooled connection is handed out as make_engine set it: FULL (2).
+        assert pooled_synchronous_settings(index.engine) == {2}
+    finally:
+        index.close()
 
 
 def test_reading_sees_what_was_committed(store: WorklistStore) -> None:

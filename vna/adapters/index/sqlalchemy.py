@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -252,9 +253,10 @@ class SqlIndex:
     def _insert(self, table: Any) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
-    def _write(self) -> Any:
-        """A write transaction. SQLite allows one writer: serialise in-process."""
-        return _WriteTx(self)
+    def _write(self) -> WriteTransaction:
+        """A write transaction. SQLite allows one writer: serialise across processes."""
+        return WriteTransaction(self.engine, self._sqlite_write if self.dialect == "sqlite"
+                                else None, self._store_connections.wal)
 
     # ------------------------------------------------------------ store path
     def claim(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
@@ -715,6 +717,7 @@ class SqlIndex:
     def close(self) -> None:
         self._store_connections.close()
         self.engine.dispose()
+        self._sqlite_write.close()
 
 
 class _Upsert:
@@ -904,14 +907,8 @@ class _DriverConnections:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._free: list[Any] = []
-        database = engine.url.database or ""
-        self._database = database if database and database != ":memory:" else ""
-        self._directory_synced = False
-
-    @property
-    def database(self) -> str:
-        """The database file; '' in memory."""
-        return self._database
+        self.wal = WalSync(engine)
+        self._database = self.wal.database
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[Any]:
@@ -935,24 +932,44 @@ class _DriverConnections:
         self._free.append(connection)
 
     def make_durable(self) -> None:
-        """fdatasync the WAL: every transaction committed so far is then durable.
-        Raises OSError when that cannot be known."""
-        if not self._database:
-            return  # in memory: nothing is durable, nothing to wait for
-        try:
-            sync_path(self._database + "-wal", data_only=True)
-        except FileNotFoundError:
-            # Only after the last connection closed, having checkpointed it into
-            # the database: sync that instead.
-            sync_path(self._database, data_only=True)
-        if not self._directory_synced:  # the WAL's own name, once a process
-            sync_path(os.path.dirname(os.path.abspath(self._database)))
-            self._directory_synced = True
+        self.wal.make_durable()
 
     def close(self) -> None:
         while self._free:
             with contextlib.suppress(Exception):
                 self._free.pop().close()
+
+
+class WalSync:
+    """Makes an SQLite file's committed transactions durable after the fact.
+
+    Its writers commit with ``synchronous=NORMAL`` under the write lock and call
+    ``make_durable`` once the lock is released. WAL frames are appended in commit
+    order, so one fdatasync of the WAL makes that commit, and every one before it,
+    durable: exactly the sync FULL adds to each commit
+    (sqlite.org/pragma.html#pragma_synchronous), taken while the next writer
+    already commits."""
+
+    def __init__(self, engine: Engine) -> None:
+        database = (engine.url.database or "") if engine.dialect.name == "sqlite" else ""
+        self.database = database if database != ":memory:" else ""
+        """The database file; '' when there is none to sync (memory, PostgreSQL)."""
+        self._directory_synced = False
+
+    def make_durable(self) -> None:
+        """fdatasync the WAL: every transaction committed so far is then durable.
+        Raises OSError when that cannot be known."""
+        if not self.database:
+            return  # in memory: nothing is durable, nothing to wait for
+        try:
+            sync_path(self.database + "-wal", data_only=True)
+        except FileNotFoundError:
+            # Only after the last connection closed, having checkpointed it into
+            # the database: sync that instead.
+            sync_path(self.database, data_only=True)
+        if not self._directory_synced:  # the WAL's own name, once a process
+            sync_path(os.path.dirname(os.path.abspath(self.database)))
+            self._directory_synced = True
 
 
 class SqliteWriteLock:
@@ -985,35 +1002,43 @@ class SqliteWriteLock:
         self.acquire()
         return self
 
+    def close(self) -> None:
+        """Let go of the lock file (the database's other users keep theirs)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
     def __exit__(self, *exc: Any) -> None:
         self.release()
 
 
-class _WriteTx:
-    """``with index._write() as conn``: one transaction, serialised for SQLite.
+class WriteTransaction:
+    """``with WriteTransaction(engine, lock, wal) as conn``: one write transaction,
+    serialised by ``lock`` (SQLite's one writer; None for PostgreSQL).
 
-    SQLite (a file): committed with ``synchronous=NORMAL`` under the write lock,
-    then made durable by an fdatasync of the WAL once the lock is released, as
-    the store path's claims are (``_DriverConnections``): the exit returns only
-    when the transaction is durable, but the next writer does not wait for this
-    one's sync. The main process of ``vna run`` relays and indexes here, and
-    with the sync inside the lock every receiver's claim queued behind it."""
+    On an SQLite file it commits with ``synchronous=NORMAL`` under the lock and is
+    made durable by ``wal`` once the lock is released, as the store path's claims
+    are: the exit returns only when the transaction is durable, but the next
+    writer does not wait for this one's sync. The index (relaying, indexing) and
+    the worklist (binding, MPPS, HL7) write through here; with the sync inside
+    the lock every receiver's claim queued behind theirs."""
 
-    def __init__(self, index: SqlIndex) -> None:
-        self.index = index
+    def __init__(self, engine: Engine, lock: AbstractContextManager[Any] | None,
+                 wal: WalSync, *, name: str = "index database") -> None:
+        self.engine = engine
+        self.lock = lock
+        self.wal = wal
+        self.name = name
         self._ctx: Any = None
         self._conn: Any = None
-        self._sync_after = False
 
     def __enter__(self) -> Connection:
-        if self.index.dialect == "sqlite":
-            self.index._sqlite_write.acquire()
+        if self.lock is not None:
+            self.lock.__enter__()
         try:
-            self._conn = self.index.engine.connect()
-            self._conn.info["write"] = True
-            self._sync_after = (self.index.dialect == "sqlite"
-                                and bool(self.index._store_connections.database))
-            if self._sync_after:
+            self._conn = self.engine.connect()
+            self._conn.info["write"] = True  # BEGIN IMMEDIATE on SQLite (make_engine)
+            if self.wal.database:
                 self._driver().execute("PRAGMA synchronous=NORMAL")
             self._ctx = self._conn.begin()
             self._ctx.__enter__()
@@ -1021,8 +1046,8 @@ class _WriteTx:
             return conn
         except BaseException:
             self._close()
-            if self.index.dialect == "sqlite":
-                self.index._sqlite_write.release()
+            if self.lock is not None:
+                self.lock.__exit__(None, None, None)
             raise
 
     def __exit__(self, *exc: Any) -> None:
@@ -1032,13 +1057,13 @@ class _WriteTx:
             finally:
                 self._close()
         finally:
-            if self.index.dialect == "sqlite":
-                self.index._sqlite_write.release()
-        if self._sync_after and exc[0] is None:
+            if self.lock is not None:
+                self.lock.__exit__(None, None, None)
+        if exc[0] is None:
             try:
-                self.index._store_connections.make_durable()
+                self.wal.make_durable()
             except OSError as error:
-                raise Unavailable(f"index database: {error}") from error
+                raise Unavailable(f"{self.name}: {error}") from error
 
     def _driver(self) -> Any:
         return self._conn.connection.driver_connection
@@ -1049,7 +1074,7 @@ class _WriteTx:
         if self._conn is None:
             return
         self._conn.info.pop("write", None)
-        if self._sync_after:
+        if self.wal.database:
             try:
                 self._driver().execute("PRAGMA synchronous=FULL")
             except (_DriverError, _SAError):

@@ -8,7 +8,6 @@ index's ``outbox``, drained by the archive's relay) commit together or not at al
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -21,7 +20,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
 from vna.adapters.index.schema import audit, outbox
-from vna.adapters.index.sqlalchemy import make_engine, migrate
+from vna.adapters.index.sqlalchemy import (
+    SqliteWriteLock,
+    WalSync,
+    WriteTransaction,
+    make_engine,
+    migrate,
+)
 from vna.adapters.index.worklist_schema import (
     wl_bindings,
     wl_complete_studies,
@@ -315,12 +320,14 @@ def _item(row: RowMapping) -> ReconciliationItem:
 class SqlWorklistStore:
     """``WorklistStore`` over SQLAlchemy Core (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: Engine, *, write_lock: Any = None, owns_engine: bool = False
-                 ) -> None:
+    def __init__(self, engine: Engine, *, write_lock: SqliteWriteLock | None = None,
+                 wal: WalSync | None = None, owns_engine: bool = False) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        # SQLite has one writer: share the index's in-process lock when given it.
-        self._write_lock = write_lock or threading.Lock()
+        # SQLite has one writer: share the index's lock (and its WAL) when beside it.
+        self._owns_lock = write_lock is None
+        self._write_lock = write_lock or SqliteWriteLock(engine)
+        self._wal = wal or WalSync(engine)
         self._owns_engine = owns_engine
 
     @classmethod
@@ -336,61 +343,41 @@ class SqlWorklistStore:
     @classmethod
     def beside(cls, index: Any) -> SqlWorklistStore:
         """The worklist in the database of ``index`` (a ``SqlIndex``), sharing its engine."""
-        return cls(index.engine, write_lock=getattr(index, "_sqlite_write", None))
+        return cls(index.engine, write_lock=getattr(index, "_sqlite_write", None),
+                   wal=getattr(getattr(index, "_store_connections", None), "wal", None))
 
     @contextmanager
     def transaction(self) -> Iterator[SqlWorklistTx]:
-        sqlite_db = self.dialect == "sqlite"
-        if sqlite_db:
-            self._write_lock.acquire()
+        """A write transaction; on an SQLite file committed under the write lock it
+        shares with the index and synced after it (``WriteTransaction``)."""
+        lock = self._write_lock if self.dialect == "sqlite" else None
         try:
-            with self._begun(write=True) as (conn, tx):
-                try:
-                    yield SqlWorklistTx(conn, self.dialect)
-                except _SAError as exc:
-                    tx.rollback()
-                    raise Unavailable(f"worklist database: {exc}") from exc
-                except BaseException:
-                    tx.rollback()
-                    raise
-                try:
-                    tx.commit()
-                except _SAError as exc:
-                    raise Unavailable(f"worklist database: {exc}") from exc
-        finally:
-            if sqlite_db:
-                self._write_lock.release()
+            with WriteTransaction(self.engine, lock, self._wal,
+                                  name="worklist database") as conn:
+                yield SqlWorklistTx(conn, self.dialect)
+        except _SAError as exc:
+            raise Unavailable(f"worklist database: {exc}") from exc
 
     @contextmanager
     def reading(self) -> Iterator[SqlWorklistTx]:
         """A read transaction: SQLite's deferred BEGIN (a snapshot of the WAL, no
         write lock), rolled back at the end."""
-        with self._begun(write=False) as (conn, tx):
+        try:
+            conn = self.engine.connect()
+        except _SAError as exc:
+            raise Unavailable(f"worklist database: {exc}") from exc
+        try:
+            try:
+                tx = conn.begin()
+            except _SAError as exc:
+                raise Unavailable(f"worklist database: {exc}") from exc
             try:
                 yield SqlWorklistTx(conn, self.dialect)
             except _SAError as exc:
                 raise Unavailable(f"worklist database: {exc}") from exc
             finally:
                 tx.rollback()
-
-    @contextmanager
-    def _begun(self, *, write: bool) -> Iterator[tuple[Connection, Any]]:
-        """A connection and its transaction begun (SQLite: BEGIN IMMEDIATE when
-        ``write``, see make_engine); a failure to get either is Unavailable."""
-        try:
-            conn = self.engine.connect()
-        except _SAError as exc:
-            raise Unavailable(f"worklist database: {exc}") from exc
-        try:
-            if write:
-                conn.info["write"] = True
-            try:
-                tx = conn.begin()
-            except _SAError as exc:
-                raise Unavailable(f"worklist database: {exc}") from exc
-            yield conn, tx
         finally:
-            conn.info.pop("write", None)
             conn.close()
 
     def check(self) -> None:
@@ -403,3 +390,5 @@ class SqlWorklistStore:
     def close(self) -> None:
         if self._owns_engine:
             self.engine.dispose()
+        if self._owns_lock:
+            self._write_lock.close()
