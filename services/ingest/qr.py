@@ -48,6 +48,7 @@ from services.ingest.scp import ACCEPTED_TRANSFER_SYNTAXES
 from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttribute, ExtendedAttributes, element_of
+from vna.dicom.json_model import dataset_from_json
 from vna.dicom.matching import Level, Query, QueryError, build_query
 from vna.dicom.uids import is_valid_uid
 from vna.model import StoredInstance
@@ -317,7 +318,7 @@ def find_response(result: dict[str, Any], level: Level, requested: list[DataElem
     matching); the unique key of the level is always returned. ``private``
     extended attributes are returned under the tags the request used.
     """
-    found = Dataset.from_json(_without_bulk_data(result))
+    found = dataset_from_json(_without_bulk_data(result))
     rsp = Dataset()
     for elem in requested:
         if elem.keyword == "RetrieveAETitle":
@@ -334,7 +335,7 @@ def find_response(result: dict[str, Any], level: Level, requested: list[DataElem
         value = None
         if stored is not None:
             creator_tag, tag, value_json = stored
-            value = Dataset.from_json({creator_tag: result[creator_tag], tag: value_json}
+            value = dataset_from_json({creator_tag: result[creator_tag], tag: value_json}
                                       )[int(tag, 16)].value
         rsp[elem.tag] = DataElement(elem.tag, attr.vr, value)
     unique = Tag(UNIQUE_KEY[level])

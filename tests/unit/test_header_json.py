@@ -1,4 +1,5 @@
-"""The header's fast DICOM JSON gives exactly what pydicom's own conversion gives."""
+"""The header's fast DICOM JSON gives what pydicom's own conversion gives, with the
+empty values of PS3.18 F.2.5 (``conform``), and keeps what pydicom cannot convert."""
 
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ import pytest
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 from vna.dicom.header import BULK_THRESHOLD, dataset_to_json, extract_record, read_dataset
+from vna.dicom.json_model import conform, dataset_from_json
 from vna.testing.synthetic import ct_instance
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
-def pydicom_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
-    """The reference: every element through pydicom's value conversion and to_json_dict."""
+def pydicom_json(ds: Dataset, base_uri: str, failed: set[str] | None = None
+                 ) -> dict[str, Any]:
+    """The reference: every element through pydicom's value conversion and to_json_dict,
+    empty values made F.2.5's; the elements pydicom cannot convert go to ``failed``."""
     out: dict[str, Any] = {}
     for tag in sorted(ds._dict.keys()):
         raw = ds._dict[tag]
@@ -42,8 +47,10 @@ def pydicom_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
             out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
             continue
         try:
-            out[tag_hex] = elem.to_json_dict(None, BULK_THRESHOLD)
+            out[tag_hex] = conform(elem.to_json_dict(None, BULK_THRESHOLD))
         except Exception:  # noqa: BLE001
+            if failed is not None:
+                failed.add(tag_hex)
             continue
     return out
 
@@ -73,9 +80,12 @@ def test_fast_json_equals_pydicom(path: Path) -> None:
         warnings.simplefilter("ignore")
         with open(path, "rb") as fp:
             fast = dataset_to_json(read_dataset(fp), "/x")
+        failed: set[str] = set()
         with open(path, "rb") as fp:
-            reference = pydicom_json(read_dataset(fp), "/x")
-    assert json.dumps(fast, sort_keys=True) == json.dumps(reference, sort_keys=True)
+            reference = pydicom_json(read_dataset(fp), "/x", failed)
+    kept = {tag: fast[tag] for tag in reference if tag in fast}
+    assert json.dumps(kept, sort_keys=True) == json.dumps(reference, sort_keys=True)
+    assert set(fast) - set(reference) <= failed  # only what pydicom could not convert
     assert not any(e.get("vr") == "SQ" and "BulkDataURI" in e for e in fast.values())
 
 
@@ -109,3 +119,49 @@ def test_character_sets_and_values(tmp_path: Path) -> None:
     assert record.study["StudyDescription"] == "Thorax"
     bulk = json.loads(record.metadata_json)["7FE00010"]["BulkDataURI"]
     assert bulk == "/dicomweb/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5/bulkdata/7FE00010"
+
+
+@pytest.mark.parametrize("charset", ["ISO_IR 100", ["", "ISO 2022 IR 87"]])
+def test_empty_values_are_as_ps3_18_f_2_5_has_them(tmp_path: Path, charset: Any) -> None:
+    # An empty attribute (an empty sequence too) has no "Value"; an empty value
+    # among several is null, in sequence items as well. pydicom gives "" and [],
+    # and drops a DS or PN with an empty value among several. Both character set
+    # paths: the fast one (ISO_IR 100) and pydicom's (ISO 2022 IR 87).
+    ds = ct_instance(study_uid="1.2.3", series_uid="1.2.3.4", sop_uid="1.2.3.4.5",
+                     rows=8, columns=8)
+    ds.SpecificCharacterSet = charset
+    ds.ImageType = ["DERIVED", "", "MPR"]
+    ds.ReferencedSeriesSequence = Sequence([])
+    item = Dataset()
+    item.ImageOrientationPatient = ["1", "", "0"]
+    item.AccessionNumber = ""
+    ds.ReferencedStudySequence = Sequence([item, Dataset()])
+    ds.ImageOrientationPatient = ["1", "", "0"]
+    ds.NameOfPhysiciansReadingStudy = ["A^B", "", "C^D"]
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "rb") as fp:
+        ds_read = read_dataset(fp)
+    doc = json.loads(json.dumps(dataset_to_json(ds_read, "/x")))
+    assert doc["00080008"] == {"vr": "CS", "Value": ["DERIVED", None, "MPR"]}
+    assert doc["00081115"] == {"vr": "SQ"}
+    assert doc["00081110"] == {"vr": "SQ", "Value": [
+        {"00080050": {"vr": "SH"},
+         "00200037": {"vr": "DS", "Value": [1, None, 0]}},
+        {}]}
+    assert doc["00200037"] == {"vr": "DS", "Value": [1, None, 0]}
+    assert doc["00081060"] == {"vr": "PN", "Value": [{"Alphabetic": "A^B"}, None,
+                                                     {"Alphabetic": "C^D"}]}
+    # And back (STOW-RS of DICOM JSON, C-FIND answers): nulls are empty values,
+    # never the text "None".
+    back = dataset_from_json(doc)
+    assert list(back.ImageType) == ["DERIVED", "", "MPR"]
+    assert [v if v == "" else float(v) for v in back.ImageOrientationPatient] == [1, "", 0]
+    assert [v if v == "" else float(v)
+            for v in back.ReferencedStudySequence[0].ImageOrientationPatient] == [1, "", 0]
+    assert len(back.ReferencedSeriesSequence) == 0
+    written = tmp_path / "back.dcm"
+    back.file_meta = ds.file_meta
+    back.save_as(written, enforce_file_format=True)
+    assert b"None" not in written.read_bytes()
+    assert b"1.0\\\\0.0" in written.read_bytes()

@@ -18,6 +18,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from vna.dicom.header import BULK_THRESHOLD
+from vna.dicom.json_model import conform
 
 # Identity of the objects themselves: never "corrected" (that would be another object).
 NOT_CORRECTABLE = frozenset({
@@ -62,7 +63,7 @@ def tag_hex(keyword: str) -> str:
 def json_element(keyword: str, value: str) -> dict[str, Any]:
     """The DICOM JSON (PS3.18 F.2) of ``keyword`` set to ``value`` ('' is empty)."""
     elem = DataElement(int(tag_hex(keyword), 16), dictionary_VR(keyword), value)
-    result: dict[str, Any] = elem.to_json_dict(None, BULK_THRESHOLD)
+    result: dict[str, Any] = conform(elem.to_json_dict(None, BULK_THRESHOLD))
     return result
 
 
@@ -85,7 +86,7 @@ def json_text(doc: Mapping[str, Any], keyword: str) -> str:
         if isinstance(v, dict):
             parts.append(str(v.get("Alphabetic", "")))
         else:
-            parts.append(str(v))
+            parts.append("" if v is None else str(v))
     return "\\".join(parts)
 
 

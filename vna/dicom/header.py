@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
+from vna.dicom.json_model import conform
 from vna.dicom.matching import ATTRIBUTES, Level, normalize_person_name, stored_time
 from vna.ports import IndexRecord
 
@@ -36,9 +37,20 @@ def read_dataset(fp: BinaryIO) -> Dataset:
 
 
 def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
-    """DICOM JSON of ``ds`` with bulk data (deferred or large binary) as BulkDataURIs."""
+    """DICOM JSON of ``ds`` with bulk data (deferred or large binary) as BulkDataURIs.
+
+    Empty values follow PS3.18 F.2.5: an empty attribute (a sequence of no items
+    too) has no "Value"; an empty value among several is null. pydicom's own
+    conversion gives "" and [] there, and drops a DS, IS or PN with an empty
+    value among several altogether (it cannot convert it): ``conform`` and the
+    fast paths below keep them."""
+    return _elements_json(ds, base_uri, _simple_charset(ds))
+
+
+def _elements_json(ds: Dataset, base_uri: str | None, charset: str | None) -> dict[str, Any]:
+    """The elements of ``ds`` (a data set, or a sequence item when ``base_uri`` is
+    None: bulk data inside items is inline, it has no URI of its own)."""
     out: dict[str, Any] = {}
-    charset = _simple_charset(ds)
     for tag in sorted(ds._dict.keys()):
         raw = ds._dict[tag]
         tag_hex = f"{tag:08X}"
@@ -50,10 +62,10 @@ def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
                 vr = "OW"
             # A long sequence is deferred by the parser too, but it is never bulk
             # data (PS3.18 F.2.7): it is read below, from the still open file.
-            if vr != "SQ":
+            if vr != "SQ" and base_uri is not None:
                 out[tag_hex] = {"vr": vr, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
                 continue
-        elif isinstance(raw, RawDataElement) and charset is not None:
+        elif isinstance(raw, RawDataElement):
             fast = _fast_json(raw, charset)
             if fast is not None:
                 out[tag_hex] = fast
@@ -62,16 +74,41 @@ def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
             elem: DataElement = ds[tag]
         except Exception:  # noqa: BLE001 - an undecodable element is skipped, not fatal
             continue
-        if elem.VR in _BINARY_VRS and elem.value is not None and len(elem.value) > BULK_THRESHOLD:
+        if elem.VR == "SQ":
+            items = [_elements_json(item, None, _item_charset(item, charset))
+                     for item in elem.value or []]
+            out[tag_hex] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            continue
+        if (base_uri is not None and elem.VR in _BINARY_VRS and elem.value is not None
+                and len(elem.value) > BULK_THRESHOLD):
             out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
             continue
         try:
-            out[tag_hex] = elem.to_json_dict(
-                bulk_data_element_handler=None, bulk_data_threshold=BULK_THRESHOLD
-            )
+            out[tag_hex] = conform(elem.to_json_dict(
+                bulk_data_element_handler=None, bulk_data_threshold=BULK_THRESHOLD))
         except Exception:  # noqa: BLE001 - keep the rest of the header usable
+            if elem.VR == "PN":  # pydicom fails on an empty name among several
+                out[tag_hex] = _pn_json(elem)
             continue
     return out
+
+
+def _pn_json(elem: DataElement) -> dict[str, Any]:
+    """A PN's DICOM JSON from pydicom's decoded names (any character set)."""
+    names = list(elem.value) if elem.VM > 1 else [elem.value]
+    values: list[dict[str, str] | None] = []
+    for name in names:
+        groups = list(getattr(name, "components", ()))
+        while groups and not groups[-1]:
+            groups.pop()
+        values.append(dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False))
+                      if groups else None)
+    return {"vr": "PN", "Value": values} if any(values) else {"vr": "PN"}
+
+
+def _item_charset(item: Dataset, charset: str | None) -> str | None:
+    """A sequence item's character set: its own when it names one (PS3.5 7.5.1)."""
+    return _simple_charset(item) if Tag(0x0008, 0x0005) in item._dict else charset
 
 
 # The indexer turns every header into DICOM JSON: pydicom's general conversion
@@ -110,8 +147,9 @@ def _simple_charset(ds: Dataset) -> str | None:
     return _SIMPLE_CHARSETS.get(text) if text is not None else None
 
 
-def _fast_json(raw: RawDataElement, charset: str) -> dict[str, Any] | None:
-    """DICOM JSON of a raw element of a common VR; None to let pydicom do it."""
+def _fast_json(raw: RawDataElement, charset: str | None) -> dict[str, Any] | None:
+    """DICOM JSON of a raw element of a common VR; None to let pydicom do it (and for
+    text, when the character set is not one of the simple ones)."""
     vr = raw.VR
     if vr is None:
         if raw.tag.is_private:
@@ -123,6 +161,9 @@ def _fast_json(raw: RawDataElement, charset: str) -> dict[str, Any] | None:
     data: bytes = raw.value or b""
     if not data:
         return {"vr": vr} if vr not in ("SQ", "UN") else None
+    if charset is None:
+        # Numbers are ASCII in every character set; text is left to pydicom.
+        return _fast_number_string(data, vr) if vr in ("IS", "DS") else None
     values: list[Any]
     try:
         if vr == "UI":
@@ -152,20 +193,21 @@ def _fast_json(raw: RawDataElement, charset: str) -> dict[str, Any] | None:
         return None
     if len(values) == 1 and not values[0]:
         return {"vr": vr}
-    return {"vr": vr, "Value": values}
+    return {"vr": vr, "Value": [v or None for v in values]}  # F.2.5: empty is null
 
 
 def _fast_pn(data: bytes, charset: str) -> dict[str, Any] | None:
     names = data.rstrip(b"\x00 ").decode(charset).split("\\")
     if len(names) == 1 and not names[0]:
         return {"vr": "PN"}
-    out = []
+    out: list[dict[str, str] | None] = []
     for name in names:
         comps = name.split("=")
         while comps and not comps[-1]:
             comps.pop()
         if not comps:
-            return None  # an empty name among several: pydicom's way
+            out.append(None)  # an empty name among several (F.2.5)
+            continue
         value = {"Alphabetic": comps[0]}
         if len(comps) > 1:
             value["Ideographic"] = comps[1]
@@ -183,7 +225,8 @@ def _fast_number_string(data: bytes, vr: str) -> dict[str, Any] | None:
     for item in items:
         text = item.strip()
         if not text:
-            return None
+            numbers.append(None)  # an empty value among several (F.2.5)
+            continue
         try:
             numbers.append(int(text) if vr == "IS" else float(text))
         except ValueError:
@@ -206,7 +249,8 @@ def _column_value(element: dict[str, Any] | None, vr: str) -> Any:
     if vr == "PN":
         return "\\".join(
             "=".join(v.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")
-                     if k in v) if isinstance(v, dict) else str(v) for v in values)
+                     if k in v) if isinstance(v, dict) else "" if v is None else str(v)
+            for v in values)
     return "\\".join("" if v is None else str(v) for v in values)
 
 

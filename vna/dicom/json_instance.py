@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from vna.dicom.json_model import dataset_from_json
 from vna.dicom.transcode import NATIVE
 
 _PIXEL_DATA = "7FE00010"
@@ -87,7 +88,7 @@ def write_instance(obj: Any, bulk: Mapping[str, BulkPart], path: Path) -> str:
 
     try:
         # File Meta (group 0002) is the archive's to write, not the sender's.
-        ds = Dataset.from_json({k: v for k, v in obj.items() if not k.startswith("0002")},
+        ds = dataset_from_json({k: v for k, v in obj.items() if not k.startswith("0002")},
                                bulk_data_uri_handler=load)
     except JsonInstanceError:
         raise
