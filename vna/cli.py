@@ -63,10 +63,9 @@ def start_backfill(deps: Deps) -> Any:
 def _serve_http(deps: Deps, stop: StopSignal) -> Any:
     import uvicorn
 
-    from services.dicomweb.app import create_app
-    from services.dicomweb.sendfile import SendfileExtension
+    from services.dicomweb.app import served_app
 
-    config = uvicorn.Config(SendfileExtension(create_app(deps)), host=deps.settings.bind,
+    config = uvicorn.Config(served_app(deps), host=deps.settings.bind,
                             port=deps.settings.http_port, log_config=None, access_log=False)
     server = uvicorn.Server(config)
     # uvicorn leaves signals alone outside the main thread: we handle them, so that
@@ -447,8 +446,7 @@ def cmd_http_worker(settings: Settings) -> int:
 
     import uvicorn
 
-    from services.dicomweb.app import create_app
-    from services.dicomweb.sendfile import SendfileExtension
+    from services.dicomweb.app import served_app
     from services.dicomweb.workers import CHANNEL_FD_ENV, HandedConnectionsServer
     from vna.dispatch import StoredReports
 
@@ -457,8 +455,7 @@ def cmd_http_worker(settings: Settings) -> int:
     stop = _wait_for_archive()
     channel = socket.socket(fileno=int(os.environ[CHANNEL_FD_ENV]))
     deps.extras["on_stored"] = StoredReports(channel)
-    config = uvicorn.Config(SendfileExtension(create_app(deps)), log_config=None,
-                            access_log=False)
+    config = uvicorn.Config(served_app(deps), log_config=None, access_log=False)
     server = HandedConnectionsServer(config, channel)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.dicomweb import qido, rendered, stow, wado
 from services.dicomweb.common import PREFIX
+from services.dicomweb.sendfile import SendfileExtension
 from services.dicomweb.viewer import viewer_router
 from vna import metrics
 from vna.bootstrap import Deps
@@ -45,6 +46,12 @@ CAPABILITIES: dict[str, object] = {
                         "by Content-Location)"],
     },
 }
+
+
+def served_app(deps: Deps) -> SendfileExtension:
+    """The application as uvicorn serves it: with the sendfile extension that WADO-RS
+    uses for blobs stored as files (``services.dicomweb.sendfile``)."""
+    return SendfileExtension(create_app(deps))
 
 
 def create_app(deps: Deps) -> FastAPI:

@@ -354,13 +354,13 @@ class _SentFiles(Response):
         assert plan.paths is not None  # a plan of local files, every size checked
         super().__init__(headers=headers, media_type=media_type)
         self.plan = plan
-        self.paths = plan.paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         parts: list[Part] = []
-        for (head, instance), path in zip(self.plan.parts, self.paths, strict=True):
+        assert self.plan.paths is not None
+        for (head, instance), path in zip(self.plan.parts, self.plan.paths, strict=True):
             parts += [head, (path, instance.size)]
         parts.append(_tail(self.plan.boundary))
         await send({"type": SENDFILE, "parts": parts, "more_body": False})

@@ -26,8 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from services.dicomweb.app import create_app
-from services.dicomweb.sendfile import SendfileExtension
+from services.dicomweb.app import served_app
 from tests.support.processes import free_port, wait_for
 from vna.bootstrap import Deps, build
 from vna.cli import subscribe_indexer
@@ -74,8 +73,8 @@ def serve(tmp_path: Path, **overrides: Any) -> Iterator[Web]:
     woken: list[int] = []
     deps.extras["on_stored"] = lambda: woken.append(1)
     port = free_port()
-    # Wrapped as ``vna run`` serves it: whole-study retrievals go out by sendfile.
-    server = uvicorn.Server(uvicorn.Config(SendfileExtension(create_app(deps)),
+    # As ``vna run`` serves it: whole-study retrievals go out by sendfile.
+    server = uvicorn.Server(uvicorn.Config(served_app(deps),
                                            host="127.0.0.1", port=port,
                                            log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
