@@ -288,8 +288,12 @@ def _serve_files(files: list[Path], ready: Any) -> None:
 
     The fastest a server can send these bytes on this machine: no multipart, no
     index, no Python between the page cache and the socket."""
+    import signal
     import socket
 
+    # Forked: the benchmark's own SIGTERM handler (raise, to stop the servers) would
+    # print a traceback here when the benchmark ends this process.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     length = sum(f.stat().st_size for f in files)
     listener = socket.socket()
     listener.bind((LOOPBACK, 0))

@@ -16,6 +16,7 @@ from typing import Any
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from vna.model import BlobKey
 from vna.ports import BlobStore
@@ -127,6 +128,11 @@ def element_value(layout: Layout, blobs: BlobStore, key: BlobKey, tag: int
     if tag == PIXEL_DATA and layout.encapsulated_at is not None:
         end = _fragments(blobs, key, layout.encapsulated_at)[1]
         return Extent(layout.encapsulated_at, end - layout.encapsulated_at), None
+    raw = layout.dataset._dict[Tag(tag)]
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and raw.VR != "SQ":
+        # As encoded: also a number or text that DICOM JSON could not hold (an IS of
+        # "1A"), which the metadata then gives by BulkDataURI (PS3.18 F.2.2).
+        return None, raw.value
     elem = layout.dataset[tag]
     value = elem.value
     if isinstance(value, bytes):

@@ -285,6 +285,35 @@ def test_retrieve_returns_the_sent_data_sets_byte_for_byte(web: Web) -> None:
     assert httpx.get(f"{web.root}/studies/{generate_uid()}").status_code == 404
 
 
+def test_a_value_json_cannot_hold_is_given_by_bulkdata_uri_and_empty_values_by_f_2_5(
+        web: Web) -> None:
+    # A modality's "1A" in an IS: the JSON model has no way to write it, and it
+    # used to vanish from the metadata; it is now a BulkDataURI to the bytes as
+    # stored. Empty values are as PS3.18 F.2.5 has them.
+    [sent] = a_study(n_series=1, per_series=1)
+    sent.AcquisitionNumber = "17"
+    sent.ImageType = ["DERIVED", "", "MPR"]
+    out = io.BytesIO()
+    sent.save_as(out, enforce_file_format=True)
+    raw = out.getvalue().replace(b"\x20\x00\x12\x00IS\x02\x0017", b"\x20\x00\x12\x00IS\x02\x001A")
+    assert b"IS\x02\x001A" in raw
+    study, series, sop = sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + raw
+            + f"\r\n--{boundary}--\r\n".encode())
+    stored = httpx.post(f"{web.root}/studies", content=body, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert stored.status_code == 200
+    web.index_all()
+    meta = web.client().retrieve_instance_metadata(study, series, sop)
+    assert meta["00080008"] == {"vr": "CS", "Value": ["DERIVED", None, "MPR"]}
+    uri = meta["00200012"]["BulkDataURI"]
+    assert meta["00200012"]["vr"] == "IS"
+    got = httpx.get(web.base + uri, headers={"Accept": "application/octet-stream"})
+    assert got.status_code == 200
+    assert got.content == b"1A"
+
+
 def test_metadata_with_bulkdata_uris_ranges_and_etag(web: Web) -> None:
     sent = a_study(n_series=1, per_series=2)
     study, series = sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID

@@ -89,8 +89,17 @@ def _elements_json(ds: Dataset, base_uri: str | None, charset: str | None) -> di
         except Exception:  # noqa: BLE001 - keep the rest of the header usable
             if elem.VR == "PN":  # pydicom fails on an empty name among several
                 out[tag_hex] = _pn_json(elem)
+            elif base_uri is not None and elem.VR in _BULK_DATA_VRS:
+                # A value JSON cannot hold (an IS of "1A"): as stored, by URI,
+                # rather than dropped from the metadata.
+                out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
             continue
     return out
+
+
+_BULK_DATA_VRS = {"DS", "FL", "FD", "IS", "LT", "OB", "OD", "OF", "OL", "OV", "OW", "SL",
+                  "SS", "ST", "SV", "UC", "UL", "UN", "US", "UT", "UV"}
+"""The VRs PS3.18 F.2.2 lets a BulkDataURI stand for."""
 
 
 def _pn_json(elem: DataElement) -> dict[str, Any]:
