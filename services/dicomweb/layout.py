@@ -140,6 +140,33 @@ def element_value(layout: Layout, blobs: BlobStore, key: BlobKey, tag: int
     raise LayoutError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not bulk data")
 
 
+def item_element_value(blobs: BlobStore, key: BlobKey, items: list[tuple[int, int]],
+                       tag: int) -> tuple[Extent | None, bytes | None]:
+    """The bytes of ``tag`` in the sequence item that ``items`` leads to ((sequence tag,
+    item number from 1), ... from the data set down), as stored.
+
+    The header is read whole up to the pixel data (nested values are not deferred:
+    a deferred sequence could not be read back from every blob store), which
+    holds the sequences such values are in: waveforms, icons, LUTs, overlays."""
+    with open_blob(blobs, key) as fp:  # deflated too: pydicom inflates it
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    for seq_tag, number in items:
+        seq = ds.get(Tag(seq_tag))
+        if seq is None or seq.VR != "SQ" or not 1 <= number <= len(seq.value):
+            raise LayoutError(f"({seq_tag >> 16:04X},{seq_tag & 0xFFFF:04X}) has no item "
+                              f"{number} in the instance")
+        ds = seq.value[number - 1]
+    if Tag(tag) not in ds._dict:
+        raise LayoutError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not in that item")
+    raw = ds._dict[Tag(tag)]
+    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and raw.VR != "SQ":
+        return None, raw.value
+    value = ds[tag].value
+    if isinstance(value, bytes):
+        return None, value
+    raise LayoutError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not bulk data")
+
+
 def _fragments(blobs: BlobStore, key: BlobKey, start: int
                ) -> tuple[list[Extent], int]:
     """Item extents of encapsulated pixel data (the first is the Basic Offset Table)

@@ -57,6 +57,7 @@ from services.dicomweb.layout import (
     LayoutError,
     element_value,
     encapsulated_frame,
+    item_element_value,
     native_frame,
     number_of_frames,
     open_blob,
@@ -527,18 +528,35 @@ def _read(deps: Deps, key: BlobKey, extent: Extent) -> Iterator[bytes]:
         pos += n
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
-async def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Request,
+def _bulk_path(path: str) -> tuple[list[tuple[int, int]], int]:
+    """``TAG``, or ``SEQ/N/TAG`` (item N, from 1, of sequence SEQ; nested as deep as
+    the metadata's BulkDataURIs go): the items on the way and the element's tag."""
+    steps = path.split("/")
+    tags, numbers = steps[::2], steps[1::2]
+    if len(steps) % 2 == 0 or not all(re.fullmatch(r"[0-9A-Fa-f]{8}", t) for t in tags):
+        raise HTTPException(400, f"{path!r} is not a tag (8 hexadecimal digits), or a "
+                                 "sequence's tag, item number and tag")
+    if not all(n.isdigit() and int(n) >= 1 for n in numbers):
+        raise HTTPException(400, f"{path!r}: item numbers start at 1")
+    items = [(int(t, 16), int(n)) for t, n in zip(tags[:-1], numbers, strict=True)]
+    return items, int(tags[-1], 16)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{path:path}")
+async def retrieve_bulkdata(study: str, series: str, sop: str, path: str, request: Request,
                             deps: DepsDep) -> Response:
-    if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
-        raise HTTPException(400, f"{tag!r} is not a tag (8 hexadecimal digits)")
+    items, tag = _bulk_path(path)
     instance = (await _find(deps, study, series, sop))[0]
     key = instance.blob_key
-    layout = await run_in_threadpool(read_layout, deps.blobs, key,
-                                     instance.transfer_syntax_uid)
     try:
-        extent, data = await run_in_threadpool(element_value, layout, deps.blobs, key,
-                                               int(tag, 16))
+        if items:
+            extent, data = await run_in_threadpool(
+                item_element_value, deps.blobs, key, items, tag)
+        else:
+            layout = await run_in_threadpool(read_layout, deps.blobs, key,
+                                             instance.transfer_syntax_uid)
+            extent, data = await run_in_threadpool(element_value, layout, deps.blobs, key,
+                                                   tag)
     except LayoutError as exc:
         raise HTTPException(404, str(exc)) from exc
     if extent is None:

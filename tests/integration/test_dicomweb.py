@@ -314,6 +314,41 @@ def test_a_value_json_cannot_hold_is_given_by_bulkdata_uri_and_empty_values_by_f
     assert got.content == b"1A"
 
 
+def test_bulk_data_inside_sequences_has_uris_of_its_own(web: Web) -> None:
+    # An ECG's samples sit in WaveformSequence: inlined, a long recording made the
+    # metadata as large as the recording. Its BulkDataURI names the item's path.
+    [sent] = a_study(n_series=1, per_series=1)
+    wave = Dataset()
+    wave.NumberOfWaveformChannels = 1
+    wave.NumberOfWaveformSamples = 2000
+    wave.WaveformBitsAllocated = 16
+    wave.WaveformSampleInterpretation = "SS"
+    wave.WaveformData = bytes(range(256)) * 16  # 4,096 bytes: bulk data
+    small = Dataset()
+    small.WaveformBitsAllocated = 16
+    small.WaveformData = b"\x01\x02"  # small: inline, as at the top level
+    sent.WaveformSequence = [small, wave]
+    web.client().store_instances([sent])
+    web.index_all()
+    study, series, sop = sent.StudyInstanceUID, sent.SeriesInstanceUID, sent.SOPInstanceUID
+    meta = web.client().retrieve_instance_metadata(study, series, sop)
+    first, second = meta["54000100"]["Value"]
+    assert first["54001010"] == {"vr": "OW", "InlineBinary": "AQI="}
+    uri = second["54001010"]["BulkDataURI"]
+    assert uri == (f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+                   "/bulkdata/54000100/2/54001010")
+    got = httpx.get(web.base + uri, headers={"Accept": "application/octet-stream"})
+    assert got.status_code == 200
+    assert got.content == wave.WaveformData
+    part = httpx.get(web.base + uri, headers={"Range": "bytes=256-511"})
+    assert part.status_code == 206
+    assert part.content == wave.WaveformData[256:512]
+    root = f"{web.root}/studies/{study}/series/{series}/instances/{sop}/bulkdata"
+    assert httpx.get(f"{root}/54000100/3/54001010").status_code == 404  # no third item
+    assert httpx.get(f"{root}/54000100/0/54001010").status_code == 400  # items from 1
+    assert httpx.get(f"{root}/54000100/2").status_code == 400  # no tag at the end
+
+
 def test_metadata_with_bulkdata_uris_ranges_and_etag(web: Web) -> None:
     sent = a_study(n_series=1, per_series=2)
     study, series = sent[0].StudyInstanceUID, sent[0].SeriesInstanceUID

@@ -25,7 +25,12 @@ TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 def pydicom_json(ds: Dataset, base_uri: str, failed: set[str] | None = None
                  ) -> dict[str, Any]:
     """The reference: every element through pydicom's value conversion and to_json_dict,
-    empty values made F.2.5's; the elements pydicom cannot convert go to ``failed``."""
+    empty values made F.2.5's; the elements pydicom cannot convert go to ``failed``.
+    Sequence items likewise, item by item, their bulk data by URIs of their own."""
+    return _reference(ds, f"{base_uri}/bulkdata", failed)
+
+
+def _reference(ds: Dataset, bulk: str, failed: set[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for tag in sorted(ds._dict.keys()):
         raw = ds._dict[tag]
@@ -36,15 +41,20 @@ def pydicom_json(ds: Dataset, base_uri: str, failed: set[str] | None = None
             vr = raw.VR or dictionary_VR(tag)
             vr = "OW" if vr in ("OB or OW", "US or OW", "US or SS or OW") else vr
             if vr != "SQ":  # a sequence is never bulk data, however long
-                out[tag_hex] = {"vr": vr, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+                out[tag_hex] = {"vr": vr, "BulkDataURI": f"{bulk}/{tag_hex}"}
                 continue
         try:
             elem = ds[tag]
         except Exception:  # noqa: BLE001
             continue
+        if elem.VR == "SQ":
+            items = [_reference(item, f"{bulk}/{tag_hex}/{n}", None)
+                     for n, item in enumerate(elem.value, start=1)]
+            out[tag_hex] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+            continue
         if elem.VR in ("OB", "OD", "OF", "OL", "OV", "OW", "UN") and elem.value is not None \
                 and len(elem.value) > BULK_THRESHOLD:
-            out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+            out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{bulk}/{tag_hex}"}
             continue
         try:
             out[tag_hex] = conform(elem.to_json_dict(None, BULK_THRESHOLD))

@@ -44,12 +44,14 @@ def dataset_to_json(ds: Dataset, base_uri: str) -> dict[str, Any]:
     conversion gives "" and [] there, and drops a DS, IS or PN with an empty
     value among several altogether (it cannot convert it): ``conform`` and the
     fast paths below keep them."""
-    return _elements_json(ds, base_uri, _simple_charset(ds))
+    return _elements_json(ds, f"{base_uri}/bulkdata", _simple_charset(ds))
 
 
-def _elements_json(ds: Dataset, base_uri: str | None, charset: str | None) -> dict[str, Any]:
-    """The elements of ``ds`` (a data set, or a sequence item when ``base_uri`` is
-    None: bulk data inside items is inline, it has no URI of its own)."""
+def _elements_json(ds: Dataset, bulk: str, charset: str | None) -> dict[str, Any]:
+    """The elements of ``ds``: the instance's data set, or an item of one of its
+    sequences. ``bulk`` is where its bulk data is: ``.../bulkdata`` for the data
+    set, ``.../bulkdata/SSSSSSSS/N`` for item N (from 1) of sequence SSSSSSSS, and so
+    on down (``/bulkdata/{path}`` of WADO-RS resolves it)."""
     out: dict[str, Any] = {}
     for tag in sorted(ds._dict.keys()):
         raw = ds._dict[tag]
@@ -62,8 +64,8 @@ def _elements_json(ds: Dataset, base_uri: str | None, charset: str | None) -> di
                 vr = "OW"
             # A long sequence is deferred by the parser too, but it is never bulk
             # data (PS3.18 F.2.7): it is read below, from the still open file.
-            if vr != "SQ" and base_uri is not None:
-                out[tag_hex] = {"vr": vr, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+            if vr != "SQ":
+                out[tag_hex] = {"vr": vr, "BulkDataURI": f"{bulk}/{tag_hex}"}
                 continue
         elif isinstance(raw, RawDataElement):
             fast = _fast_json(raw, charset)
@@ -75,13 +77,14 @@ def _elements_json(ds: Dataset, base_uri: str | None, charset: str | None) -> di
         except Exception:  # noqa: BLE001 - an undecodable element is skipped, not fatal
             continue
         if elem.VR == "SQ":
-            items = [_elements_json(item, None, _item_charset(item, charset))
-                     for item in elem.value or []]
+            items = [_elements_json(item, f"{bulk}/{tag_hex}/{number}",
+                                    _item_charset(item, charset))
+                     for number, item in enumerate(elem.value or [], start=1)]
             out[tag_hex] = {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
             continue
-        if (base_uri is not None and elem.VR in _BINARY_VRS and elem.value is not None
+        if (elem.VR in _BINARY_VRS and elem.value is not None
                 and len(elem.value) > BULK_THRESHOLD):
-            out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+            out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{bulk}/{tag_hex}"}
             continue
         try:
             out[tag_hex] = conform(elem.to_json_dict(
@@ -89,10 +92,10 @@ def _elements_json(ds: Dataset, base_uri: str | None, charset: str | None) -> di
         except Exception:  # noqa: BLE001 - keep the rest of the header usable
             if elem.VR == "PN":  # pydicom fails on an empty name among several
                 out[tag_hex] = _pn_json(elem)
-            elif base_uri is not None and elem.VR in _BULK_DATA_VRS:
+            elif elem.VR in _BULK_DATA_VRS:
                 # A value JSON cannot hold (an IS of "1A"): as stored, by URI,
                 # rather than dropped from the metadata.
-                out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{base_uri}/bulkdata/{tag_hex}"}
+                out[tag_hex] = {"vr": elem.VR, "BulkDataURI": f"{bulk}/{tag_hex}"}
             continue
     return out
 
@@ -113,6 +116,15 @@ def _pn_json(elem: DataElement) -> dict[str, Any]:
         values.append(dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False))
                       if groups else None)
     return {"vr": "PN", "Value": values} if any(values) else {"vr": "PN"}
+
+
+def _prefix_bulk_data_uris(elements: dict[str, Any], prefix: str) -> None:
+    for element in elements.values():
+        if "BulkDataURI" in element:
+            element["BulkDataURI"] = prefix + element["BulkDataURI"]
+        elif element.get("vr") == "SQ":
+            for item in element.get("Value") or []:
+                _prefix_bulk_data_uris(item, prefix)
 
 
 def _item_charset(item: Dataset, charset: str | None) -> str | None:
@@ -277,9 +289,7 @@ def extract_record(
            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
     base_uri = instance_path(uid["StudyInstanceUID"], uid["SeriesInstanceUID"],
                              uid["SOPInstanceUID"])
-    for element in metadata.values():
-        if "BulkDataURI" in element:  # made relative above: the path needs the UIDs
-            element["BulkDataURI"] = base_uri + element["BulkDataURI"]
+    _prefix_bulk_data_uris(metadata, base_uri)  # made relative above: they need the UIDs
     columns: dict[Level, dict[str, Any]] = {level: {} for level in Level}
     for keyword, attr in ATTRIBUTES.items():
         if attr.computed:
