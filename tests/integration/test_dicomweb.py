@@ -285,6 +285,17 @@ def test_retrieve_returns_the_sent_data_sets_byte_for_byte(web: Web) -> None:
     assert httpx.get(f"{web.root}/studies/{generate_uid()}").status_code == 404
 
 
+def assert_bulk_data(url: str, expected: bytes, *, first: int, last: int) -> None:
+    """``url`` serves ``expected``: whole, and bytes ``first``-``last`` by Range."""
+    whole = httpx.get(url, headers={"Accept": "application/octet-stream"})
+    assert whole.status_code == 200
+    assert whole.content == expected
+    part = httpx.get(url, headers={"Range": f"bytes={first}-{last}"})
+    assert part.status_code == 206
+    assert part.content == expected[first:last + 1]
+    assert part.headers["content-range"] == f"bytes {first}-{last}/{len(expected)}"
+
+
 def test_a_value_json_cannot_hold_is_given_by_bulkdata_uri_and_empty_values_by_f_2_5(
         web: Web) -> None:
     # A modality's "1A" in an IS: the JSON model has no way to write it, and it
@@ -337,12 +348,7 @@ def test_bulk_data_inside_sequences_has_uris_of_its_own(web: Web) -> None:
     uri = second["54001010"]["BulkDataURI"]
     assert uri == (f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
                    "/bulkdata/54000100/2/54001010")
-    got = httpx.get(web.base + uri, headers={"Accept": "application/octet-stream"})
-    assert got.status_code == 200
-    assert got.content == wave.WaveformData
-    part = httpx.get(web.base + uri, headers={"Range": "bytes=256-511"})
-    assert part.status_code == 206
-    assert part.content == wave.WaveformData[256:512]
+    assert_bulk_data(web.base + uri, wave.WaveformData, first=256, last=511)
     root = f"{web.root}/studies/{study}/series/{series}/instances/{sop}/bulkdata"
     assert httpx.get(f"{root}/54000100/3/54001010").status_code == 404  # no third item
     assert httpx.get(f"{root}/54000100/0/54001010").status_code == 400  # items from 1
@@ -363,13 +369,7 @@ def test_metadata_with_bulkdata_uris_ranges_and_etag(web: Web) -> None:
     first = sent[0]
     uri = by_sop[first.SOPInstanceUID]["7FE00010"]["BulkDataURI"]
     assert uri.startswith(f"/dicomweb/studies/{study}/series/{series}/instances/")
-    whole = httpx.get(web.base + uri, headers={"Accept": "application/octet-stream"})
-    assert whole.status_code == 200
-    assert whole.content == first.PixelData
-    part = httpx.get(web.base + uri, headers={"Range": "bytes=100-199"})
-    assert part.status_code == 206
-    assert part.content == first.PixelData[100:200]
-    assert part.headers["content-range"] == f"bytes 100-199/{len(first.PixelData)}"
+    assert_bulk_data(web.base + uri, first.PixelData, first=100, last=199)
     tail = httpx.get(web.base + uri, headers={"Range": "bytes=-10"})
     assert tail.content == first.PixelData[-10:]
     assert httpx.get(web.base + uri, headers={"Range": "bytes=99999999-"}).status_code == 416
