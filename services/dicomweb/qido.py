@@ -44,6 +44,10 @@ router = APIRouter()
 
 _RESERVED = {"limit", "offset", "fuzzymatching", "includefield"}
 _RETRIEVE_URL = "00081190"
+_INSTANCE_AVAILABILITY = "00080056"
+_ONLINE = {"vr": "CS", "Value": ["ONLINE"]}
+"""Every stored instance is on line: PS3.18 Tables 10.6.3-3 and -5 ask for Instance
+Availability whenever it is known (C-FIND answers it the same)."""
 
 
 def _require_uid(name: str, value: str) -> None:
@@ -162,6 +166,8 @@ async def _answer(level: Level, request: Request, deps: Deps,
         url = _retrieve_url(root, level, obj)
         if url:
             obj[_RETRIEVE_URL] = {"vr": "UR", "Value": [url]}
+        if level is not Level.SERIES:  # Table 10.6.3-4 (series) does not list it
+            obj[_INSTANCE_AVAILABILITY] = _ONLINE
     return json_response(request, results, headers=headers)
 
 

@@ -159,6 +159,7 @@ def test_stow_then_search_at_every_resource(web: Web) -> None:
     assert value(studies[0], "0020000D") == study
     assert urlparse(value(studies[0], "00081190")).path == f"/dicomweb/studies/{study}"
     assert value(studies[0], "00201208") == 6  # NumberOfStudyRelatedInstances
+    assert value(studies[0], "00080056") == "ONLINE"  # InstanceAvailability
 
     series = client.search_for_series(study_instance_uid=study)
     assert len(series) == 2
@@ -171,6 +172,7 @@ def test_stow_then_search_at_every_resource(web: Web) -> None:
                                             series_instance_uid=series_uid)
     assert len(in_series) == 3
     assert all(value(i, "0020000E") == series_uid for i in in_series)
+    assert all(value(i, "00080056") == "ONLINE" for i in in_series)
     # The fixture caps results at 5: the client pages on past the 299 Warning.
     assert len(client.search_for_instances(study_instance_uid=study)) == 5
     everything = client.search_for_instances(study_instance_uid=study, get_remaining=True)
