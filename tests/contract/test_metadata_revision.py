@@ -108,3 +108,23 @@ def test_migration_0007_gives_studies_indexed_before_it_a_revision(database_url:
         assert index.metadata_revision(study) not in (None, "", *revisions)
     finally:
         index.close()
+
+
+def test_migration_0008_fills_bits_allocated_from_the_metadata_kept(database_url: str) -> None:
+    # QIDO-RS returns Bits Allocated (PS3.18 Table 10.6.3-5) from a column; an index
+    # made before revision 0008 has none, and gets it filled without reading a blob.
+    index = SqlIndex.from_url(database_url)
+    study = _study(index, patient_id="P1")
+    index.close()
+    engine = make_engine(database_url)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE instances DROP COLUMN bits_allocated"))
+        conn.execute(text("UPDATE alembic_version SET version_num = '0007_study_revision'"))
+    migrate(engine)
+    index = SqlIndex(engine)
+    try:
+        found = index.search(build_query(Level.IMAGE, {"StudyInstanceUID": study},
+                                         return_keys=["BitsAllocated"]))
+        assert found and {r["BitsAllocated"] for r in found} == {16}
+    finally:
+        index.close()

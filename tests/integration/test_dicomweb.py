@@ -173,6 +173,7 @@ def test_stow_then_search_at_every_resource(web: Web) -> None:
     assert len(in_series) == 3
     assert all(value(i, "0020000E") == series_uid for i in in_series)
     assert all(value(i, "00080056") == "ONLINE" for i in in_series)
+    assert all(value(i, "00280100") == 16 for i in in_series)  # BitsAllocated
     # The fixture caps results at 5: the client pages on past the 299 Warning.
     assert len(client.search_for_instances(study_instance_uid=study)) == 5
     everything = client.search_for_instances(study_instance_uid=study, get_remaining=True)

@@ -82,8 +82,8 @@ ATTRIBUTES: dict[str, Attribute] = {
     **_attrs(Level.SERIES, "NumberOfSeriesRelatedInstances", computed=True),
     **_attrs(
         Level.IMAGE,
-        "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns NumberOfFrames "
-        "ContentDate ContentTime",
+        "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns BitsAllocated "
+        "NumberOfFrames ContentDate ContentTime",
     ),
 }
 
@@ -114,7 +114,7 @@ DEFAULT_RETURN_KEYS: dict[Level, list[str]] = {
     ],
     Level.IMAGE: [
         "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
-        "NumberOfFrames",
+        "BitsAllocated", "NumberOfFrames",
     ],
 }
 
