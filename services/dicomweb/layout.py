@@ -128,16 +128,7 @@ def element_value(layout: Layout, blobs: BlobStore, key: BlobKey, tag: int
     if tag == PIXEL_DATA and layout.encapsulated_at is not None:
         end = _fragments(blobs, key, layout.encapsulated_at)[1]
         return Extent(layout.encapsulated_at, end - layout.encapsulated_at), None
-    raw = layout.dataset._dict[Tag(tag)]
-    if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and raw.VR != "SQ":
-        # As encoded: also a number or text that DICOM JSON could not hold (an IS of
-        # "1A"), which the metadata then gives by BulkDataURI (PS3.18 F.2.2).
-        return None, raw.value
-    elem = layout.dataset[tag]
-    value = elem.value
-    if isinstance(value, bytes):
-        return None, value
-    raise LayoutError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not bulk data")
+    return None, _stored_bytes(layout.dataset, tag)
 
 
 def item_element_value(blobs: BlobStore, key: BlobKey, items: list[tuple[int, int]],
@@ -158,12 +149,19 @@ def item_element_value(blobs: BlobStore, key: BlobKey, items: list[tuple[int, in
         ds = seq.value[number - 1]
     if Tag(tag) not in ds._dict:
         raise LayoutError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not in that item")
+    return None, _stored_bytes(ds, tag)
+
+
+def _stored_bytes(ds: Dataset, tag: int) -> bytes:
+    """The value of ``tag`` (in ``ds``) as bytes. As encoded when still raw: also a
+    number or text that DICOM JSON could not hold (an IS of "1A"), which the
+    metadata then gives by BulkDataURI (PS3.18 F.2.2)."""
     raw = ds._dict[Tag(tag)]
     if isinstance(raw, RawDataElement) and isinstance(raw.value, bytes) and raw.VR != "SQ":
-        return None, raw.value
+        return raw.value
     value = ds[tag].value
     if isinstance(value, bytes):
-        return None, value
+        return value
     raise LayoutError(f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not bulk data")
 
 

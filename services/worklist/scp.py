@@ -40,7 +40,9 @@ def worklist_store(deps: Deps) -> WorklistStore:
     """The worklist store of ``deps``: in the index's database when the index is SQL."""
     store = deps.extras.get("worklist")
     if store is None:
-        if hasattr(deps.index, "engine"):
+        from vna.adapters.index.sqlalchemy import SqlIndex
+
+        if isinstance(deps.index, SqlIndex):
             from vna.adapters.index.worklist import SqlWorklistStore
 
             store = SqlWorklistStore.beside(deps.index)

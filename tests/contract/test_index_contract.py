@@ -182,7 +182,7 @@ def test_a_sqlite_write_returns_durable_and_syncs_after_the_write_lock(
         assert index.outbox_depth() == 0
         # A write that fails commits nothing and waits for no sync.
         synced.clear()
-        with pytest.raises(RuntimeError), index._write() as conn:
+        with pytest.raises(RuntimeError), index.write_transaction() as conn:
             conn.exec_driver_sql("DELETE FROM claims")
             raise RuntimeError("abandoned")
         assert synced == []

@@ -108,14 +108,16 @@ _BULK_DATA_VRS = {"DS", "FL", "FD", "IS", "LT", "OB", "OD", "OF", "OL", "OV", "O
 def _pn_json(elem: DataElement) -> dict[str, Any]:
     """A PN's DICOM JSON from pydicom's decoded names (any character set)."""
     names = list(elem.value) if elem.VM > 1 else [elem.value]
-    values: list[dict[str, str] | None] = []
-    for name in names:
-        groups = list(getattr(name, "components", ()))
-        while groups and not groups[-1]:
-            groups.pop()
-        values.append(dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False))
-                      if groups else None)
+    values = [_pn_value(list(getattr(name, "components", ()))) for name in names]
     return {"vr": "PN", "Value": values} if any(values) else {"vr": "PN"}
+
+
+def _pn_value(groups: list[str]) -> dict[str, str] | None:
+    """One name's JSON from its component groups; None (null, F.2.5) when empty."""
+    while groups and not groups[-1]:
+        groups.pop()
+    return dict(zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)) \
+        if groups else None
 
 
 def _prefix_bulk_data_uris(elements: dict[str, Any], prefix: str) -> None:
@@ -221,21 +223,7 @@ def _fast_pn(data: bytes, charset: str) -> dict[str, Any] | None:
     names = data.rstrip(b"\x00 ").decode(charset).split("\\")
     if len(names) == 1 and not names[0]:
         return {"vr": "PN"}
-    out: list[dict[str, str] | None] = []
-    for name in names:
-        comps = name.split("=")
-        while comps and not comps[-1]:
-            comps.pop()
-        if not comps:
-            out.append(None)  # an empty name among several (F.2.5)
-            continue
-        value = {"Alphabetic": comps[0]}
-        if len(comps) > 1:
-            value["Ideographic"] = comps[1]
-        if len(comps) > 2:
-            value["Phonetic"] = comps[2]
-        out.append(value)
-    return {"vr": "PN", "Value": out}
+    return {"vr": "PN", "Value": [_pn_value(name.split("=")) for name in names]}
 
 
 def _fast_number_string(data: bytes, vr: str) -> dict[str, Any] | None:

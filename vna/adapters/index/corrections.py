@@ -409,7 +409,7 @@ class Corrections:
 
     def _run(self, work: Any) -> Any:
         try:
-            with self.index._write() as conn:
+            with self.index.write_transaction() as conn:
                 return work(conn)
         except (CorrectionError, LookupError):
             raise

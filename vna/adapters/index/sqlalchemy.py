@@ -253,10 +253,11 @@ class SqlIndex:
     def _insert(self, table: Any) -> Any:
         return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
 
-    def _write(self) -> WriteTransaction:
-        """A write transaction. SQLite allows one writer: serialise across processes."""
+    def write_transaction(self, *, name: str = "index database") -> WriteTransaction:
+        """A write transaction in this index's database (the worklist beside it writes
+        through here too). SQLite allows one writer: serialised across processes."""
         return WriteTransaction(self.engine, self._sqlite_write if self.dialect == "sqlite"
-                                else None, self._store_connections.wal)
+                                else None, self._store_connections.wal, name=name)
 
     # ------------------------------------------------------------ store path
     def claim(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
@@ -294,7 +295,7 @@ class SqlIndex:
                     cursor.execute("ROLLBACK")
                     raise
             # Outside the write lock: the next writer commits while this syncs.
-            self._store_connections.make_durable()
+            self._store_connections.wal.make_durable()
         except (_SAError, _DriverError, Unavailable, OSError) as exc:
             # Nothing of the group is known durable: every claim answers "retry".
             failure = exc if isinstance(exc, Unavailable) else Unavailable(
@@ -334,7 +335,7 @@ class SqlIndex:
     def _claim_alone(self, claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
         for attempt in range(_CLAIM_ATTEMPTS):
             try:
-                with self._write() as conn:
+                with self.write_transaction() as conn:
                     outcome = self._claim(conn, claim)
                     if outcome is ClaimOutcome.NEW:
                         conn.execute(_INSERT_OUTBOX, {
@@ -415,7 +416,7 @@ class SqlIndex:
                     # The claim seen may be another sender's, committed but not yet
                     # synced (make_durable): this "already stored" is acknowledged
                     # too, so it waits for the same sync.
-                    self._store_connections.make_durable()
+                    self._store_connections.wal.make_durable()
                 return outcome
             with self.engine.connect() as conn:
                 return self._check(conn, claim)[0]
@@ -451,7 +452,7 @@ class SqlIndex:
     def record_audit(self, action: str, outcome: str, *, actor: str = "", subject: str = "",
                      detail: str = "") -> str:
         """Append to the audit trail; each record hashes its predecessor (tamper-evident)."""
-        with self._write() as conn:
+        with self.write_transaction() as conn:
             return self._append_audit(conn, action, outcome, actor=actor, subject=subject,
                                       detail=detail)
 
@@ -532,7 +533,7 @@ class SqlIndex:
                 ).all()
             if rows:
                 publish([(r.routing_key, bytes(r.payload)) for r in rows])
-                with self._write() as conn:
+                with self.write_transaction() as conn:
                     conn.execute(outbox.delete().where(outbox.c.id.in_([r.id for r in rows])))
             return len(rows)
         except _SAError as exc:
@@ -553,7 +554,7 @@ class SqlIndex:
         if not items:
             return []
         try:
-            with self._write() as conn:
+            with self.write_transaction() as conn:
                 return _Upsert(self, conn).run(items)
         except _SAError as exc:
             raise Unavailable(f"index database: {exc}") from exc
@@ -563,7 +564,7 @@ class SqlIndex:
             return extra.progress(conn)
 
     def extended_forget(self, keep: set[str]) -> list[str]:
-        with self._write() as conn:
+        with self.write_transaction() as conn:
             return extra.forget(conn, keep)
 
     def extended_scan(self, after_pk: int, limit: int) -> list[StoredHeader]:
@@ -573,7 +574,7 @@ class SqlIndex:
     def extended_write(self, values: Sequence[tuple[int, ExtraValue]],
                        last_pk: dict[str, int], completed: set[str]) -> None:
         try:
-            with self._write() as conn:
+            with self.write_transaction() as conn:
                 extra.write_values(conn, values)
                 extra.record_progress(conn, last_pk, completed)
         except _SAError as exc:
@@ -908,7 +909,6 @@ class _DriverConnections:
         self._engine = engine
         self._free: list[Any] = []
         self.wal = WalSync(engine)
-        self._database = self.wal.database
 
     @contextlib.contextmanager
     def cursor(self) -> Iterator[Any]:
@@ -919,7 +919,7 @@ class _DriverConnections:
             fairy = self._engine.raw_connection()
             connection = fairy.driver_connection
             fairy.detach()  # ours now; the pool forgets it
-            if self._database:
+            if self.wal.database:
                 connection.execute("PRAGMA synchronous=NORMAL")  # see make_durable
         cursor = connection.cursor()
         try:
@@ -930,9 +930,6 @@ class _DriverConnections:
             raise
         cursor.close()
         self._free.append(connection)
-
-    def make_durable(self) -> None:
-        self.wal.make_durable()
 
     def close(self) -> None:
         while self._free:

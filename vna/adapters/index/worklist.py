@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError as _SAError
 
 from vna.adapters.index.schema import audit, outbox
 from vna.adapters.index.sqlalchemy import (
+    SqlIndex,
     SqliteWriteLock,
     WalSync,
     WriteTransaction,
@@ -320,14 +321,15 @@ def _item(row: RowMapping) -> ReconciliationItem:
 class SqlWorklistStore:
     """``WorklistStore`` over SQLAlchemy Core (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: Engine, *, write_lock: SqliteWriteLock | None = None,
-                 wal: WalSync | None = None, owns_engine: bool = False) -> None:
+    def __init__(self, engine: Engine, *, index: SqlIndex | None = None,
+                 owns_engine: bool = False) -> None:
         self.engine = engine
         self.dialect = engine.dialect.name
-        # SQLite has one writer: share the index's lock (and its WAL) when beside it.
-        self._owns_lock = write_lock is None
-        self._write_lock = write_lock or SqliteWriteLock(engine)
-        self._wal = wal or WalSync(engine)
+        # SQLite has one writer: beside the index, write as it does (its lock, its
+        # WAL sync); alone, with a lock and a sync of its own.
+        self._index = index
+        self._own_lock = SqliteWriteLock(engine) if index is None else None
+        self._own_wal = WalSync(engine) if index is None else None
         self._owns_engine = owns_engine
 
     @classmethod
@@ -341,19 +343,23 @@ class SqlWorklistStore:
         return cls(engine, owns_engine=True)
 
     @classmethod
-    def beside(cls, index: Any) -> SqlWorklistStore:
-        """The worklist in the database of ``index`` (a ``SqlIndex``), sharing its engine."""
-        return cls(index.engine, write_lock=getattr(index, "_sqlite_write", None),
-                   wal=getattr(getattr(index, "_store_connections", None), "wal", None))
+    def beside(cls, index: SqlIndex) -> SqlWorklistStore:
+        """The worklist in the database of ``index``, sharing its engine and its writes."""
+        return cls(index.engine, index=index)
 
     @contextmanager
     def transaction(self) -> Iterator[SqlWorklistTx]:
         """A write transaction; on an SQLite file committed under the write lock it
         shares with the index and synced after it (``WriteTransaction``)."""
-        lock = self._write_lock if self.dialect == "sqlite" else None
+        name = "worklist database"
+        if self._index is not None:
+            writing = self._index.write_transaction(name=name)
+        else:
+            assert self._own_wal is not None
+            lock = self._own_lock if self.dialect == "sqlite" else None
+            writing = WriteTransaction(self.engine, lock, self._own_wal, name=name)
         try:
-            with WriteTransaction(self.engine, lock, self._wal,
-                                  name="worklist database") as conn:
+            with writing as conn:
                 yield SqlWorklistTx(conn, self.dialect)
         except _SAError as exc:
             raise Unavailable(f"worklist database: {exc}") from exc
@@ -390,5 +396,5 @@ class SqlWorklistStore:
     def close(self) -> None:
         if self._owns_engine:
             self.engine.dispose()
-        if self._owns_lock:
-            self._write_lock.close()
+        if self._own_lock is not None:
+            self._own_lock.close()
