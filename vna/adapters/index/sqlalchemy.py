@@ -56,11 +56,11 @@ from vna.adapters.index.schema import (
     studies,
     study_patients,
 )
+from vna.adapters.index.wal import WalSync
 from vna.audit import chain_hash
 from vna.dicom.corrections import apply_to_json
 from vna.dicom.extended import ExtraValue
 from vna.dicom.matching import ATTRIBUTES, Level, Match, Query
-from vna.durable import sync_path
 from vna.events import Event, InstanceStored, encode_event
 from vna.journal import BlobJournal, JournalEntry
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
@@ -294,8 +294,9 @@ class SqlIndex:
                 except BaseException:
                     cursor.execute("ROLLBACK")
                     raise
+                ticket = self._store_connections.wal.ticket()
             # Outside the write lock: the next writer commits while this syncs.
-            self._store_connections.wal.make_durable()
+            self._store_connections.wal.make_durable(ticket)
         except (_SAError, _DriverError, Unavailable, OSError) as exc:
             # Nothing of the group is known durable: every claim answers "retry".
             failure = exc if isinstance(exc, Unavailable) else Unavailable(
@@ -935,38 +936,7 @@ class _DriverConnections:
         while self._free:
             with contextlib.suppress(Exception):
                 self._free.pop().close()
-
-
-class WalSync:
-    """Makes an SQLite file's committed transactions durable after the fact.
-
-    Its writers commit with ``synchronous=NORMAL`` under the write lock and call
-    ``make_durable`` once the lock is released. WAL frames are appended in commit
-    order, so one fdatasync of the WAL makes that commit, and every one before it,
-    durable: exactly the sync FULL adds to each commit
-    (sqlite.org/pragma.html#pragma_synchronous), taken while the next writer
-    already commits."""
-
-    def __init__(self, engine: Engine) -> None:
-        database = (engine.url.database or "") if engine.dialect.name == "sqlite" else ""
-        self.database = database if database != ":memory:" else ""
-        """The database file; '' when there is none to sync (memory, PostgreSQL)."""
-        self._directory_synced = False
-
-    def make_durable(self) -> None:
-        """fdatasync the WAL: every transaction committed so far is then durable.
-        Raises OSError when that cannot be known."""
-        if not self.database:
-            return  # in memory: nothing is durable, nothing to wait for
-        try:
-            sync_path(self.database + "-wal", data_only=True)
-        except FileNotFoundError:
-            # Only after the last connection closed, having checkpointed it into
-            # the database: sync that instead.
-            sync_path(self.database, data_only=True)
-        if not self._directory_synced:  # the WAL's own name, once a process
-            sync_path(os.path.dirname(os.path.abspath(self.database)))
-            self._directory_synced = True
+        self.wal.close()
 
 
 class SqliteWriteLock:
@@ -1048,17 +1018,20 @@ class WriteTransaction:
             raise
 
     def __exit__(self, *exc: Any) -> None:
+        ticket = None
         try:
             try:
                 self._ctx.__exit__(*exc)
+                if exc[0] is None:
+                    ticket = self.wal.ticket()  # committed: its WAL frames are written
             finally:
                 self._close()
         finally:
             if self.lock is not None:
                 self.lock.__exit__(None, None, None)
-        if exc[0] is None:
+        if ticket is not None:
             try:
-                self.wal.make_durable()
+                self.wal.make_durable(ticket)
             except OSError as error:
                 raise Unavailable(f"{self.name}: {error}") from error
 

@@ -23,11 +23,11 @@ from vna.adapters.index.schema import audit, outbox
 from vna.adapters.index.sqlalchemy import (
     SqlIndex,
     SqliteWriteLock,
-    WalSync,
     WriteTransaction,
     make_engine,
     migrate,
 )
+from vna.adapters.index.wal import WalSync
 from vna.adapters.index.worklist_schema import (
     wl_bindings,
     wl_complete_studies,
@@ -398,3 +398,5 @@ class SqlWorklistStore:
             self.engine.dispose()
         if self._own_lock is not None:
             self._own_lock.close()
+        if self._own_wal is not None:
+            self._own_wal.close()
