@@ -11,6 +11,12 @@ scripts). When a result is cut at the server's maximum
 ``Warning: 299 <host>: "The number of results exceeded the maximum supported
 by the server. Additional results can be requested."`` (PS3.18 8.3.4.4.2).
 
+Dates and times match as stored. ``TimezoneOffsetFromUTC`` in a request is
+checked (``+HHMM`` or ``-HHMM``; anything else is 400) and otherwise not
+applied, as the C-FIND SCP does (and Orthanc, since 2024): most instances carry
+no offset of their own, so the archive cannot know which instant a stored date
+names. It used to be refused here as an unknown matching key.
+
 Extended query attributes (``VNA_EXTRA_QUERY_ATTRIBUTES``) match like the
 index's own; while the values of one a request matches on are still being
 backfilled the answer is given all the same, with a 299 Warning saying so.
@@ -18,6 +24,7 @@ backfilled the answer is given all the same, with a 299 Warning saying so.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -43,6 +50,8 @@ from vna.usecases.search import backfilling, search
 router = APIRouter()
 
 _RESERVED = {"limit", "offset", "fuzzymatching", "includefield"}
+_UTC_OFFSET = re.compile(r"[+-](?:0\d|1[0-4])[0-5]\d")
+"""TimezoneOffsetFromUTC (0008,0201): -1200 to +1400 (PS3.3 C.12.1.1.8)."""
 _RETRIEVE_URL = "00081190"
 _INSTANCE_AVAILABILITY = "00080056"
 _ONLINE = {"vr": "CS", "Value": ["ONLINE"]}
@@ -87,6 +96,11 @@ def query_from_params(level: Level, request: Request, fixed: dict[str, str] | No
             if name in keys:
                 raise HTTPException(400, f"{name}: given more than once")
             keys[name] = value
+    for name in [name for name in keys if _names_timezone_offset(name)]:
+        given = keys.pop(name).strip()
+        if given and not _UTC_OFFSET.fullmatch(given):
+            raise HTTPException(400, f"TimezoneOffsetFromUTC: {given!r} is not an offset "
+                                     "such as +0100 or -0500")
     # Path UIDs win over query parameters naming the same attribute.
     keys.update(fixed or {})
     fuzzy_raw = params.get("fuzzymatching", "false").lower()
@@ -112,6 +126,13 @@ def query_from_params(level: Level, request: Request, fixed: dict[str, str] | No
     except QueryError as exc:
         raise HTTPException(400, str(exc)) from exc
     return query, capped
+
+
+def _names_timezone_offset(name: str) -> bool:
+    try:
+        return resolve_keyword(name) == "TimezoneOffsetFromUTC"
+    except QueryError:
+        return False  # build_query says what is wrong with it
 
 
 def _all_keys(level: Level) -> list[str]:

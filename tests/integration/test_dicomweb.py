@@ -225,6 +225,21 @@ def test_qido_matching_includefield_fuzzy_and_encoded_wildcards(web: Web) -> Non
     assert "00080020" not in plain
 
 
+def test_qido_accepts_a_timezone_offset_and_matches_dates_as_stored(web: Web) -> None:
+    # As C-FIND does: checked, not applied (stored dates mostly carry no offset).
+    sent = a_study(n_series=1, per_series=1, patient_id="TZ-1")
+    web.client().store_instances(sent)
+    web.index_all()
+    q = f"{web.root}/studies"
+    plain = httpx.get(q, params={"PatientID": "TZ-1", "StudyDate": sent[0].StudyDate})
+    assert len(plain.json()) == 1
+    for name in ("TimezoneOffsetFromUTC", "00080201"):
+        with_offset = httpx.get(q, params={"PatientID": "TZ-1", "StudyDate": sent[0].StudyDate,
+                                           name: "-0500"})
+        assert with_offset.status_code == 200
+        assert with_offset.json() == plain.json()
+
+
 @pytest.mark.parametrize(("params", "reason"), [
     ({"StudyDate": "20241345"}, "not a valid date"),
     ({"StudyDate": "yesterday"}, "not a date"),
@@ -235,6 +250,8 @@ def test_qido_matching_includefield_fuzzy_and_encoded_wildcards(web: Web) -> Non
     ({"fuzzymatching": "maybe"}, "fuzzymatching"),
     ({"includefield": "Nonsense"}, "unknown attribute"),
     ({"SOPInstanceUID": "1.2.3"}, "below the STUDY level"),
+    ({"TimezoneOffsetFromUTC": "0100"}, "not an offset"),
+    ({"00080201": "+2500"}, "not an offset"),
 ])
 def test_qido_bad_parameters_get_400_with_a_reason(web: Web, params: dict[str, str],
                                                     reason: str) -> None:
