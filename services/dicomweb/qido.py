@@ -51,7 +51,7 @@ router = APIRouter()
 
 _RESERVED = {"limit", "offset", "fuzzymatching", "includefield"}
 _UTC_OFFSET = re.compile(r"[+-](?:0\d|1[0-4])[0-5]\d")
-"""TimezoneOffsetFromUTC (0008,0201): -1200 to +1400 (PS3.3 C.12.1.1.8)."""
+"""TimezoneOffsetFromUTC (0008,0201): ±HHMM, hours up to 14 (PS3.3 C.12.1.1.8)."""
 _RETRIEVE_URL = "00081190"
 _INSTANCE_AVAILABILITY = "00080056"
 _ONLINE = {"vr": "CS", "Value": ["ONLINE"]}

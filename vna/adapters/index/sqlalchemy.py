@@ -7,10 +7,8 @@ backend-neutral ``vna.dicom.matching.Query`` objects and are translated here.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -56,7 +54,7 @@ from vna.adapters.index.schema import (
     studies,
     study_patients,
 )
-from vna.adapters.index.wal import WalSync
+from vna.adapters.index.wal import FileLock, WalSync
 from vna.audit import chain_hash
 from vna.dicom.corrections import apply_to_json
 from vna.dicom.extended import ExtraValue
@@ -939,7 +937,7 @@ class _DriverConnections:
         self.wal.close()
 
 
-class SqliteWriteLock:
+class SqliteWriteLock(FileLock):
     """One SQLite writer at a time, across threads and processes.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10 ... ms between attempts, which
@@ -948,35 +946,9 @@ class SqliteWriteLock:
     """
 
     def __init__(self, engine: Engine) -> None:
-        self._thread = threading.Lock()
         database = engine.url.database or ""
-        self._fd: int | None = None
-        if engine.dialect.name == "sqlite" and database and database != ":memory:":
-            self._fd = os.open(database + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-
-    def acquire(self) -> bool:
-        self._thread.acquire()
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        return True
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        self._thread.release()
-
-    def __enter__(self) -> SqliteWriteLock:
-        self.acquire()
-        return self
-
-    def close(self) -> None:
-        """Let go of the lock file (the database's other users keep theirs)."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
+        super().__init__(database + ".lock" if engine.dialect.name == "sqlite" and database
+                         and database != ":memory:" else None)
 
 
 class WriteTransaction:

@@ -18,13 +18,11 @@ commits queue and the next sync covers them all.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import mmap
 import os
 import struct
 import threading
-from collections.abc import Iterator
 
 from sqlalchemy import Engine
 
@@ -34,21 +32,37 @@ _COUNTERS = struct.Struct("=QQ")
 """In ``<database>.sync``: commits ticketed, commits known synced."""
 
 
-class _FileLock:
-    """A lock across this process's threads and other processes (flock)."""
+class FileLock:
+    """A lock across this process's threads and, given a file, other processes
+    (flock() on it; it does not exclude this process's own threads)."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._thread = threading.Lock()  # flock() does not exclude this process's threads
+    def __init__(self, path: str | None) -> None:
+        self._thread = threading.Lock()
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600) if path else None
 
-    @contextlib.contextmanager
-    def held(self) -> Iterator[None]:
-        with self._thread:
+    def acquire(self) -> bool:
+        self._thread.acquire()
+        if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self._thread.release()
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def close(self) -> None:
+        """Let go of the file (its other users keep theirs)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class WalSync:
@@ -66,29 +80,28 @@ class WalSync:
         """The database file; '' when there is none to sync (memory, PostgreSQL)."""
         self._directory_synced = False
         self._counters: mmap.mmap | None = None
-        self._counter_lock: _FileLock | None = None
-        self._sync_lock: _FileLock | None = None
+        self._counter_lock: FileLock | None = None
+        self._sync_lock: FileLock | None = None
         if not self.database:
             return
-        fds: list[int] = []
+        counter_lock = FileLock(self.database + ".sync")
         try:
-            fds.append(os.open(self.database + ".sync", os.O_RDWR | os.O_CREAT, 0o600))
-            if os.fstat(fds[0]).st_size < _COUNTERS.size:
-                os.ftruncate(fds[0], _COUNTERS.size)  # zeros: nothing ticketed yet
-            fds.append(os.open(self.database + ".sync-lock", os.O_RDWR | os.O_CREAT, 0o600))
-            self._counters = mmap.mmap(fds[0], _COUNTERS.size)
+            assert counter_lock.fd is not None
+            if os.fstat(counter_lock.fd).st_size < _COUNTERS.size:
+                os.ftruncate(counter_lock.fd, _COUNTERS.size)  # zeros: nothing ticketed yet
+            self._counters = mmap.mmap(counter_lock.fd, _COUNTERS.size)
+            self._sync_lock = FileLock(self.database + ".sync-lock")
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            counter_lock.close()
             raise
-        self._counter_lock, self._sync_lock = _FileLock(fds[0]), _FileLock(fds[1])
+        self._counter_lock = counter_lock
 
     def ticket(self) -> int:
         """Call under the write lock, once COMMIT has returned (its WAL frames are
         written then): the commit's ticket for ``make_durable``."""
         if self._counter_lock is None:
             return 0
-        with self._counter_lock.held():
+        with self._counter_lock:
             ticketed, synced = self._read()
             self._write(ticketed + 1, synced)
         return ticketed + 1
@@ -99,15 +112,14 @@ class WalSync:
         Raises OSError when that cannot be known."""
         if self._counter_lock is None or self._sync_lock is None:
             return  # in memory: nothing is durable, nothing to wait for
-        if ticket is not None and self._covers(ticket):
+        if ticket is not None and self._read_locked()[1] >= ticket:
             return
-        with self._sync_lock.held():
-            if ticket is not None and self._covers(ticket):
+        with self._sync_lock:
+            covered, synced = self._read_locked()  # every commit ticketed by now is in the WAL
+            if ticket is not None and synced >= ticket:
                 return  # the sync another writer made meanwhile covered it
-            with self._counter_lock.held():
-                covered = self._read()[0]  # every commit ticketed by now is in the WAL
             self._sync()
-            with self._counter_lock.held():
+            with self._counter_lock:
                 ticketed, synced = self._read()
                 self._write(ticketed, max(synced, covered))
 
@@ -117,13 +129,13 @@ class WalSync:
             counters.close()
         for lock in (self._counter_lock, self._sync_lock):
             if lock is not None:
-                os.close(lock.fd)
+                lock.close()
         self._counter_lock = self._sync_lock = None
 
-    def _covers(self, ticket: int) -> bool:
+    def _read_locked(self) -> tuple[int, int]:
         assert self._counter_lock is not None
-        with self._counter_lock.held():
-            return self._read()[1] >= ticket
+        with self._counter_lock:
+            return self._read()
 
     def _read(self) -> tuple[int, int]:
         assert self._counters is not None
