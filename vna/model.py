@@ -68,6 +68,16 @@ class StoredInstance(Frozen):
     stored_at: datetime | None = None
 
 
+@dataclass(frozen=True)
+class SequenceItem:
+    """One item of a sequence the index keeps (``vna.dicom.matching.SEQUENCES``)."""
+
+    values: dict[str, str]
+    """Its matching attributes (keyword -> value, as a column holds it; '' if absent)."""
+    item_json: str
+    """The whole item as DICOM JSON: what a search returns."""
+
+
 @dataclass
 class IndexRecord:
     """Everything the index keeps of one instance, extracted from its header."""
@@ -84,3 +94,6 @@ class IndexRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     extended: list[ExtraValue] = field(default_factory=list)
     """Values of the configured extended query attributes (``vna.dicom.extended``)."""
+    sequence_items: dict[str, list[SequenceItem]] | None = None
+    """Items of the sequences the index keeps, by sequence keyword (None: not extracted,
+    as in an event written by an earlier version; the index takes them from the JSON)."""

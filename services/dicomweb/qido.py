@@ -38,6 +38,7 @@ from vna.dicom.matching import (
     ATTRIBUTES,
     DEFAULT_RETURN_KEYS,
     LEVEL_ORDER,
+    SEQUENCES,
     Level,
     Query,
     QueryError,
@@ -138,7 +139,9 @@ def _names_timezone_offset(name: str) -> bool:
 def _all_keys(level: Level) -> list[str]:
     """``includefield=all``: every attribute the index keeps at or above ``level``."""
     depth = LEVEL_ORDER.index(level)
-    return [k for k, a in ATTRIBUTES.items() if LEVEL_ORDER.index(a.level) <= depth]
+    levels = {**{k: a.level for k, a in ATTRIBUTES.items()},
+              **{k: s.level for k, s in SEQUENCES.items()}}
+    return [k for k, at in levels.items() if LEVEL_ORDER.index(at) <= depth]
 
 
 def _retrieve_url(root: str, level: Level, obj: dict[str, Any]) -> str | None:

@@ -49,7 +49,7 @@ from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttribute, ExtendedAttributes, element_of
 from vna.dicom.json_model import dataset_from_json
-from vna.dicom.matching import Level, Query, QueryError, build_query
+from vna.dicom.matching import SEQUENCES, Level, Query, QueryError, build_query
 from vna.dicom.uids import is_valid_uid
 from vna.model import StoredInstance
 from vna.ports import Unavailable
@@ -78,9 +78,10 @@ UNIQUE_KEY = {
 }
 
 # Request keys that are not matching keys: answered by the SCP itself.
+# (TimezoneOffsetFromUTC is returned as kept, never matched: see RETURN_ONLY.)
 _NOT_MATCHING = {
     "QueryRetrieveLevel", "SpecificCharacterSet", "QueryRetrieveView",
-    "TimezoneOffsetFromUTC", "RetrieveAETitle", "InstanceAvailability",
+    "RetrieveAETitle", "InstanceAvailability",
 }
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 _TEXT_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}
@@ -187,7 +188,9 @@ def identifier_keys(identifier: Dataset, extended: ExtendedAttributes = NO_EXTEN
     """Matching and return keys of a request identifier: keyword -> raw value.
 
     Multiple values are joined with backslashes (UID lists), person names are
-    given as their string form; sequences and binary values are return keys only.
+    given as their string form; binary values are return keys only, and so are
+    sequences, but for the item attributes of a sequence the index matches on
+    (``Sequence.Item`` keys, PS3.4 C.2.2.2.6: a sequence key has one item).
     Private elements count when they are configured extended attributes (by key).
     """
     keys: dict[str, str] = {}
@@ -198,6 +201,10 @@ def identifier_keys(identifier: Dataset, extended: ExtendedAttributes = NO_EXTEN
         if not keyword or keyword in _NOT_MATCHING:
             continue
         keys[keyword] = _as_text(elem)
+        if keyword in SEQUENCES and elem.value is not None and len(elem.value) == 1:
+            for item_elem in elem.value[0]:
+                if item_elem.keyword in SEQUENCES[keyword].item_keys:
+                    keys[f"{keyword}.{item_elem.keyword}"] = _as_text(item_elem)
     for _creator, elem, attr in private_keys(identifier, extended):
         keys[attr.key] = _private_text(elem)
     return keys

@@ -4,17 +4,13 @@ transaction, and with nothing else; revision 0007 gives indexed studies one."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-from alembic import command
-from alembic.config import Config
 from pydicom.uid import generate_uid
 from sqlalchemy import String, column, insert, select, table, text
 
+from tests.contract.alembic_steps import to_revision
 from tests.contract.test_index_corrections import FIX, _study
 from vna.adapters.index.schema import patients, studies
-from vna.adapters.index.sqlalchemy import MIGRATIONS, SqlIndex, make_engine, migrate
+from vna.adapters.index.sqlalchemy import SqlIndex, make_engine, migrate
 from vna.dicom.header import extract_record
 from vna.dicom.matching import Level, build_query
 from vna.testing.synthetic import ct_instance
@@ -73,21 +69,10 @@ def test_the_revision_changes_with_corrections_merges_and_unmerges(index: SqlInd
     assert index.metadata_revision(study) in seen
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'index.sqlite'}"
-    url: str = request.getfixturevalue("fresh_postgres_url")
-    return url
-
-
 def test_migration_0007_gives_studies_indexed_before_it_a_revision(database_url: str) -> None:
     engine = make_engine(database_url)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0006_correction_journal")
+        to_revision(conn, "0006_correction_journal")
         # 0001 creates tables as defined now: take the column away to stand for an
         # index created before revision 0007.
         conn.execute(text("ALTER TABLE studies DROP COLUMN revision"))

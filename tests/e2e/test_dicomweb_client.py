@@ -59,8 +59,13 @@ def _jpeg_instance(study: str, series: str) -> tuple[Dataset, bytes]:
 def _a_study() -> tuple[list[Dataset], bytes]:
     study = generate_uid()
     explicit = generate_uid()
+    request = Dataset()
+    request.ScheduledProcedureStepID = "SPS-E2E"
+    request.RequestedProcedureID = "RP-E2E"
     sent = [ct_instance(study_uid=study, series_uid=explicit, instance_number=n,
-                        patient_id=PATIENT, pixel_seed=n) for n in (1, 2)]
+                        patient_id=PATIENT, pixel_seed=n,
+                        attributes={"RequestAttributesSequence": [request]})
+            for n in (1, 2)]
     sent.append(ct_instance(study_uid=study, patient_id=PATIENT, series_number=2,
                             transfer_syntax=ImplicitVRLittleEndian))
     jpeg_ds, jpeg = _jpeg_instance(study, generate_uid())
@@ -126,6 +131,10 @@ def test_every_resource_round_trips(archive: VnaProcess) -> None:
     everywhere = client.search_for_series(search_filters={"StudyInstanceUID": study,
                                                           "Modality": "CT"})
     assert len(everywhere) == 3
+    (requested,) = client.search_for_series(search_filters={
+        "RequestAttributesSequence.ScheduledProcedureStepID": "SPS-E2E"})
+    assert _value(requested, "0020000E") == explicit.SeriesInstanceUID
+    assert _value(requested, "00400275")["00401001"]["Value"] == ["RP-E2E"]
     assert len(client.search_for_instances(search_filters={"PatientID": PATIENT})) == 4
     in_series = client.search_for_instances(study_instance_uid=study,
                                             series_instance_uid=explicit.SeriesInstanceUID)

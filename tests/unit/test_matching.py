@@ -88,3 +88,40 @@ def test_c_find_is_lenient_about_keys_it_cannot_match() -> None:
 def test_tags_are_accepted_as_keys() -> None:
     q = build_query(Level.STUDY, {"00100020": "PAT1"})
     assert _match(q, "PatientID").values == ("PAT1",)
+
+
+def test_keys_on_sequence_items_match_at_their_level_and_return_the_sequence() -> None:
+    q = build_query(Level.SERIES, {"RequestAttributesSequence.ScheduledProcedureStepID": "S*",
+                                   "00400275.00401001": "RP1\\RP2"})
+    assert {(m.keyword, m.kind) for m in q.matches} == {
+        ("RequestAttributesSequence.ScheduledProcedureStepID", MatchKind.WILDCARD),
+        ("RequestAttributesSequence.RequestedProcedureID", MatchKind.LIST)}
+    assert "RequestAttributesSequence" in q.return_keys
+    assert "RequestAttributesSequence" not in q.extra_return_keys
+    # Above the series level the sequence is not kept: one instance's, from its metadata.
+    study = build_query(Level.STUDY, {"RequestAttributesSequence": ""}, strict=False)
+    assert "RequestAttributesSequence" in study.extra_return_keys
+
+
+@pytest.mark.parametrize(("level", "keys", "reason"), [
+    (Level.SERIES, {"RequestAttributesSequence.PatientName": "X"}, "not a matching key"),
+    (Level.SERIES, {"ReferencedStudySequence.StudyInstanceUID": "1.2"}, "not a matching key"),
+    (Level.STUDY, {"RequestAttributesSequence.ScheduledProcedureStepID": "X"},
+     "below the STUDY level"),
+    (Level.SERIES, {"RequestAttributesSequence.RequestAttributesSequence.PatientID": "X"},
+     "one level deep"),
+    (Level.SERIES, {"RequestAttributesSequence.NoSuchKeyword": "X"}, "unknown attribute"),
+])
+def test_bad_sequence_keys_are_errors_with_a_reason(level: Level, keys: dict[str, str],
+                                                     reason: str) -> None:
+    with pytest.raises(QueryError, match=reason):
+        build_query(level, keys)
+    if "unknown" not in reason and "deep" not in reason:
+        # C-FIND returns what it cannot match on.
+        assert build_query(level, keys, strict=False).matches == ()
+
+
+def test_timezone_offset_is_returned_and_never_matched() -> None:
+    q = build_query(Level.STUDY, {"TimezoneOffsetFromUTC": "+0100"})
+    assert q.matches == ()
+    assert "TimezoneOffsetFromUTC" in q.return_keys

@@ -95,6 +95,20 @@ def test_identifier_keys_join_multiple_values_and_skip_scp_keys() -> None:
         "ModalitiesInStudy": "CT\\MR", "StudyDate": "", "ReferencedStudySequence": ""}
 
 
+def test_identifier_keys_match_on_the_item_of_a_kept_sequence() -> None:
+    item = Dataset()
+    item.ScheduledProcedureStepID = "SPS1"
+    item.RequestedProcedureID = ""
+    item.RequestedProcedureDescription = "CT CHEST"
+    ds = _ident(QueryRetrieveLevel="SERIES", RequestAttributesSequence=[item],
+                TimezoneOffsetFromUTC="")
+    assert identifier_keys(ds) == {
+        "RequestAttributesSequence": "",
+        "RequestAttributesSequence.ScheduledProcedureStepID": "SPS1",
+        "RequestAttributesSequence.RequestedProcedureID": "",
+        "TimezoneOffsetFromUTC": ""}
+
+
 def test_find_stops_with_cancel_between_matches(deps: Deps) -> None:
     event = FakeEvent(StudyRootQueryRetrieveInformationModelFind,
                       _ident(QueryRetrieveLevel="IMAGE", SOPInstanceUID=""), cancel_after=1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import pydicom
@@ -18,7 +19,14 @@ from pydicom.tag import Tag
 
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.json_model import conform
-from vna.dicom.matching import ATTRIBUTES, Level, normalize_person_name, stored_time
+from vna.dicom.matching import (
+    ATTRIBUTES,
+    SEQUENCES,
+    Level,
+    normalize_person_name,
+    stored_time,
+)
+from vna.model import SequenceItem
 from vna.ports import IndexRecord
 
 BULK_THRESHOLD = 1024
@@ -265,6 +273,9 @@ def _column_value(element: dict[str, Any] | None, vr: str) -> Any:
 
 _INT_VRS = {"IS", "US", "UL", "SL", "SS"}
 _ATTRIBUTE_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in ATTRIBUTES}
+_SEQUENCE_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in SEQUENCES}
+_ITEM_TAGS = {key: f"{tag_for_keyword(key):08X}" for s in SEQUENCES.values()
+              for key in s.item_keys}
 
 
 def extract_record(
@@ -303,7 +314,27 @@ def extract_record(
         transfer_syntax_uid=transfer_syntax_uid,
         # From the DICOM JSON, as the backfill does: both index the same values.
         extended=extended.values(metadata),
+        sequence_items=sequence_items(metadata),
     )
 
 
-__all__ = ["Tag", "dataset_to_json", "extract_record", "instance_path", "read_dataset"]
+def sequence_items(metadata: Mapping[str, Any]) -> dict[str, list[SequenceItem]]:
+    """The items of each sequence the index keeps (``SEQUENCES``) in one instance's
+    DICOM JSON; the same for the write path, an older event and the migration."""
+    out: dict[str, list[SequenceItem]] = {}
+    for keyword, sequence in SEQUENCES.items():
+        element = metadata.get(_SEQUENCE_TAGS[keyword])
+        items = element.get("Value") if isinstance(element, dict) else None
+        for item in items or []:
+            if not isinstance(item, dict):
+                continue
+            values = {key: _column_value(item.get(_ITEM_TAGS[key]), dictionary_VR(key))
+                      for key in sequence.item_keys}
+            out.setdefault(keyword, []).append(SequenceItem(
+                {k: str(v)[:64] for k, v in values.items()},
+                json.dumps(item, separators=(",", ":"))))
+    return out
+
+
+__all__ = ["Tag", "dataset_to_json", "extract_record", "instance_path", "read_dataset",
+           "sequence_items"]

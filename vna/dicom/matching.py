@@ -66,7 +66,7 @@ ATTRIBUTES: dict[str, Attribute] = {
     **_attrs(
         Level.STUDY,
         "StudyInstanceUID StudyDate StudyTime AccessionNumber StudyID StudyDescription "
-        "ReferringPhysicianName",
+        "ReferringPhysicianName TimezoneOffsetFromUTC",
     ),
     **_attrs(
         Level.STUDY,
@@ -85,6 +85,34 @@ ATTRIBUTES: dict[str, Attribute] = {
         "SOPInstanceUID SOPClassUID InstanceNumber Rows Columns BitsAllocated "
         "NumberOfFrames ContentDate ContentTime",
     ),
+}
+
+RETURN_ONLY = frozenset({"TimezoneOffsetFromUTC"})
+"""Kept and returned, never matched on: a request's Timezone Offset From UTC says in
+which zone its dates and times are (PS3.4 C.4.1.1.3.1), not what to find, and most
+stored instances carry no offset, so the archive cannot apply it (C-FIND and QIDO-RS
+both match dates and times as stored)."""
+
+
+@dataclass(frozen=True)
+class SequenceAttribute:
+    """A sequence the index keeps item by item, to match on and to return.
+
+    ``item_keys``: the attributes of an item it matches on (PS3.4 C.2.2.2.6: an
+    entity matches when one of its items matches every key given for the
+    sequence). An item is returned whole, as stored.
+    """
+
+    keyword: str
+    level: Level
+    item_keys: tuple[str, ...]
+
+
+SEQUENCES: dict[str, SequenceAttribute] = {
+    # PS3.18 Tables 10.6.1-5 and 10.6.3-4: the series' Request Attribute Sequence.
+    "RequestAttributesSequence": SequenceAttribute(
+        "RequestAttributesSequence", Level.SERIES,
+        ("ScheduledProcedureStepID", "RequestedProcedureID")),
 }
 
 UNIQUE_KEY = {
@@ -106,11 +134,12 @@ DEFAULT_RETURN_KEYS: dict[Level, list[str]] = {
         "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
         "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
         "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
+        "TimezoneOffsetFromUTC",
     ],
     Level.SERIES: [
         "Modality", "SeriesDescription", "SeriesNumber", "SeriesInstanceUID",
         "NumberOfSeriesRelatedInstances", "PerformedProcedureStepStartDate",
-        "PerformedProcedureStepStartTime",
+        "PerformedProcedureStepStartTime", "RequestAttributesSequence",
     ],
     Level.IMAGE: [
         "SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns",
@@ -149,6 +178,7 @@ class Query:
     level: Level
     matches: tuple[Match, ...] = ()
     return_keys: tuple[str, ...] = ()
+    """Return keys the index keeps: columns (``ATTRIBUTES``) and sequences (``SEQUENCES``)."""
     limit: int | None = None
     offset: int = 0
     patient_root: bool = False
@@ -375,12 +405,19 @@ def build_query(
     Keys with empty values are universal: they are return keys only. With
     ``strict`` (QIDO-RS) a key the index cannot match on is an error; without
     it (C-FIND) such a key is only returned. ``extended`` adds the configured
-    extended attributes to the keys the index can match on.
+    extended attributes to the keys the index can match on. ``Sequence.Item``
+    keys match on the items of a sequence the index keeps (``SEQUENCES``); keys
+    in ``RETURN_ONLY`` are returned, never matched.
     """
     matches: list[Match] = []
     returned: list[str] = list(return_keys or [])
     for key, raw in keys.items():
         ext = extended.lookup(key) if extended else None
+        if ext is None and "." in key:  # a private creator may hold a dot: looked up first
+            match = _sequence_match(level, key, raw, returned, fuzzy=fuzzy, strict=strict)
+            if match is not None:
+                matches.append(match)
+            continue
         if ext is not None:
             returned.append(ext.key)
             if LEVEL_ORDER.index(ext.level) > LEVEL_ORDER.index(level):
@@ -394,6 +431,8 @@ def build_query(
         keyword = resolve_keyword(key)
         attr = ATTRIBUTES.get(keyword)
         returned.append(keyword)
+        if keyword in RETURN_ONLY:
+            continue
         if attr is None or (attr.computed and keyword != "ModalitiesInStudy"):
             if raw.strip() and raw.strip() != "*" and strict:
                 raise QueryError(f"{keyword}: not a matching key at the {level} level")
@@ -414,8 +453,12 @@ def build_query(
         seen.setdefault(k, None)
     private = {k: ext for k in seen
                if extended and (ext := extended.lookup(k)) is not None and ext.private}
-    columns = tuple(k for k in seen if k in ATTRIBUTES)
-    extra = tuple(k for k in seen if k not in ATTRIBUTES and k not in private)
+    # A sequence the index keeps comes from its items at or below its level; above
+    # it (a study's), from the metadata of one instance like any other attribute.
+    kept = {k for k in seen if k in ATTRIBUTES or (
+        k in SEQUENCES and LEVEL_ORDER.index(SEQUENCES[k].level) <= LEVEL_ORDER.index(level))}
+    columns = tuple(k for k in seen if k in kept)
+    extra = tuple(k for k in seen if k not in kept and k not in private)
     return Query(
         level=level,
         matches=tuple(matches),
@@ -426,6 +469,39 @@ def build_query(
         extra_return_keys=extra,
         extended_return=tuple(private.values()),
     )
+
+
+def sequence_key(keyword: str) -> tuple[str, str] | None:
+    """(sequence, item attribute) of a matching key on a sequence's items, else None."""
+    sequence, dot, item = keyword.partition(".")
+    return (sequence, item) if dot else None
+
+
+def _sequence_match(level: Level, key: str, raw: str, returned: list[str], *,
+                    fuzzy: bool, strict: bool) -> Match | None:
+    """A match on an item attribute of a sequence, as QIDO-RS names it
+    (``RequestAttributesSequence.ScheduledProcedureStepID``, ``00400275.00400009``);
+    the sequence becomes a return key."""
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise QueryError(f"{key}: only attributes of a sequence's items can be matched, "
+                         "one level deep")
+    sequence, item = resolve_keyword(parts[0]), resolve_keyword(parts[1])
+    returned.append(sequence)
+    given = raw.strip() not in ("", "*")
+    found = SEQUENCES.get(sequence)
+    if found is None or item not in found.item_keys:
+        if given and strict:
+            known = ", ".join(f"{s.keyword}.{k}" for s in SEQUENCES.values()
+                              for k in s.item_keys)
+            raise QueryError(f"{sequence}.{item}: not a matching key (sequence items "
+                             f"matched: {known})")
+        return None
+    if LEVEL_ORDER.index(found.level) > LEVEL_ORDER.index(level):
+        if given and strict:
+            raise QueryError(f"{sequence}.{item}: is below the {level} level")
+        return None
+    return build_match(f"{sequence}.{item}", raw, fuzzy=fuzzy, vr=dictionary_VR(item))
 
 
 def wildcard_to_like(pattern: str) -> str:

@@ -26,6 +26,8 @@ def json_attribute(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
     key, vr = _tag_and_vr(keyword)
     if value is None or value == "" or value == []:
         return key, {"vr": vr}
+    if vr == "SQ":  # its items, already DICOM JSON
+        return key, {"vr": vr, "Value": list(value)}
     values = value if isinstance(value, list) else (
         value.split("\\") if isinstance(value, str) and vr not in ("PN",) else [value])
     if vr == "PN":

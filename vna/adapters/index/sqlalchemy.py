@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
-from vna.adapters.index import corrections, extra
+from vna.adapters.index import corrections, extra, sequences
 from vna.adapters.index.conditions import text_condition, text_form, text_params
 from vna.adapters.index.schema import (
     audit,
@@ -58,7 +58,8 @@ from vna.adapters.index.wal import FileLock, WalSync
 from vna.audit import chain_hash
 from vna.dicom.corrections import apply_to_json
 from vna.dicom.extended import ExtraValue
-from vna.dicom.matching import ATTRIBUTES, Level, Match, Query
+from vna.dicom.header import sequence_items
+from vna.dicom.matching import ATTRIBUTES, SEQUENCES, Level, Match, Query, sequence_key
 from vna.events import Event, InstanceStored, encode_event
 from vna.journal import BlobJournal, JournalEntry
 from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
@@ -766,6 +767,13 @@ class _Upsert:
             for owned in extra.owned_values(record.extended, {
                 Level.PATIENT: self._patient_pk(record), Level.STUDY: self._study_pk(record),
                 Level.SERIES: self._series_pk(record), Level.IMAGE: pk})])
+        self._fill_timezone_offsets([record for record, _ in items
+                                     if record.instance["SOPInstanceUID"] in added])
+        sequences.write_items(self.conn, [
+            (self._series_pk(record), record.sequence_items
+             if record.sequence_items is not None
+             else sequence_items(json.loads(record.metadata_json)))
+            for record, _ in items if record.instance["SOPInstanceUID"] in added])
         for patient_id, study_uid in dict.fromkeys(owners[uid] for uid in added):
             corrections.after_upsert(self.index, self.conn, patient_id, study_uid)
         if touched := sorted({self._study_pk(record) for record, _ in items
@@ -781,6 +789,16 @@ class _Upsert:
             result.append(uid in added and uid not in seen)
             seen.add(uid)
         return result
+
+    def _fill_timezone_offsets(self, records: list[IndexRecord]) -> None:
+        """A study made by an instance without an offset takes the first one that
+        comes (as revision 0009 does for studies indexed before it)."""
+        offsets = {self._study_pk(r): offset for r in records
+                   if (offset := r.study.get("TimezoneOffsetFromUTC"))}
+        for pk in sorted(offsets):
+            self.conn.execute(studies.update().where(
+                studies.c.pk == pk, studies.c.timezone_offset_from_utc == ""
+            ).values(timezone_offset_from_utc=offsets[pk]))
 
     def _patient_pk(self, record: IndexRecord) -> int:
         key = (record.patient.get("PatientID") or "",
@@ -1146,11 +1164,16 @@ class _Search:
                     statements.clear()
                 statements[form] = found
             stmt = found
-        computed = [k for k in dict.fromkeys(q.return_keys) if ATTRIBUTES[k].computed]
+        computed = [k for k in dict.fromkeys(q.return_keys) if _computed(k)]
         with self.index.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(stmt, params)]
             if rows and (q.extra_return_keys or q.extended_return):
                 self._representative_metadata(conn, rows)
+            for keyword in dict.fromkeys(k for k in q.return_keys if k in SEQUENCES):
+                items = sequences.items_of_series(
+                    conn, keyword, [r["SeriesInstanceUID"] for r in rows])
+                for row in rows:
+                    row[keyword] = items.get(row["SeriesInstanceUID"], [])
         for keyword in set(computed) & set(_IN_STUDY_SEPARATOR_KEYS):
             for row in rows:
                 joined = row.get(keyword)
@@ -1163,9 +1186,9 @@ class _Search:
         q = self.query
         wanted: list[str] = []
         for keyword in q.return_keys:
-            attr = ATTRIBUTES[keyword]
-            if attr.computed:
-                continue
+            attr = ATTRIBUTES.get(keyword)
+            if attr is None or attr.computed:
+                continue  # a sequence's items are read after the search
             if _level_index(attr.level) <= _level_index(self.level):
                 wanted.append(keyword)
         for keyword in _hierarchy_keys(self.level):
@@ -1173,7 +1196,7 @@ class _Search:
                 wanted.append(keyword)
         cols = [self.base.c.pk.label("_pk")]
         cols += [self._column(k).label(k) for k in wanted]
-        computed = [k for k in dict.fromkeys(q.return_keys) if ATTRIBUTES[k].computed]
+        computed = [k for k in dict.fromkeys(q.return_keys) if _computed(k)]
         cols += self._computed_columns(computed)
         stmt: Select[Any] = select(*cols).select_from(_FROM_OF_LEVEL[self.level])
 
@@ -1183,9 +1206,13 @@ class _Search:
             return [bindparam(f"m{i}_{j}") for j in range(len(text_params(m)))]
 
         identity: list[tuple[int, Match]] = []
+        in_items: dict[str, list[tuple[Match, list[Any] | None]]] = {}
         for i, m in enumerate(q.matches):
             if ATTRIBUTES.get(m.keyword) and _level_index(ATTRIBUTES[m.keyword].level) > \
                     _level_index(self.level):
+                continue
+            if (split := sequence_key(m.keyword)) is not None:
+                in_items.setdefault(split[0], []).append((m, binds(i, m)))
                 continue
             if m.keyword in corrections.PRIOR_COLUMNS:
                 identity.append((i, m))
@@ -1198,6 +1225,8 @@ class _Search:
                                                binds(i, m)) for i, m in identity],
                 [self._condition(m, corrections.PRIOR_COLUMNS[m.keyword], binds(i, m))
                  for i, m in identity])))
+        for item_matches in in_items.values():
+            stmt = stmt.where(sequences.condition(item_matches))
         if self.level is Level.PATIENT:
             # Left without studies by a correction or merge: not a patient of the archive.
             stmt = stmt.where(exists().where(studies.c.patient_pk == patients.c.pk))
@@ -1247,6 +1276,11 @@ class _Search:
             doc = json.loads(meta) if meta else {}
             row["_metadata"] = apply_to_json(doc, corrected[uid][1]) if uid in corrected \
                 else doc
+
+
+def _computed(keyword: str) -> bool:
+    attr = ATTRIBUTES.get(keyword)
+    return attr is not None and attr.computed
 
 
 def _level_index(level: Level) -> int:
