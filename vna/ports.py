@@ -55,6 +55,12 @@ class BlobStore(Protocol):
         """A path on this machine holding the blob, when the store has one."""
         ...
 
+    def local_file(self, key: BlobKey) -> tuple[str, int] | None:
+        """The path (a plain string) and size of the file holding the blob, in one
+        look-up, when the store keeps it on this machine; None otherwise or if absent.
+        For retrievals that hand many blobs' files to the socket (WADO-RS sendfile)."""
+        ...
+
     def keys(self) -> Iterator[BlobKey]:
         """Every key in the store (for reindex and scrub)."""
         ...

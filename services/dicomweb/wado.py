@@ -33,7 +33,6 @@ import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response, StreamingResponse
@@ -274,7 +273,7 @@ class _AsStored:
     """(delimiter and part headers, instance), in order."""
     length: int | None
     """The body's length when every blob's size was checked (files), else None."""
-    paths: list[Path] | None = None
+    paths: list[str] | None = None
     """Each part's blob file, in order, when ``length`` is known."""
 
 
@@ -288,13 +287,13 @@ def _as_stored_plan(deps: Deps, planned: list[_Planned], overlays: Overlays) -> 
         boundary, f"{APPLICATION_DICOM}; transfer-syntax={p.instance.transfer_syntax_uid}"),
         p.instance) for i, p in enumerate(planned)]
     length = sum(len(head) + i.size for head, i in parts) + len(_tail(boundary))
-    paths: list[Path] = []
+    paths: list[str] = []
     for _, instance in parts:
         # A Content-Length only when each blob is known to be as long as the index says.
-        path = deps.blobs.local_path(instance.blob_key)
-        if path is None or path.stat().st_size != instance.size:
+        found = deps.blobs.local_file(instance.blob_key)
+        if found is None or found[1] != instance.size:
             return _AsStored(boundary, parts, None)
-        paths.append(path)
+        paths.append(found[0])
     return _AsStored(boundary, parts, length, paths)
 
 

@@ -161,6 +161,11 @@ def test_local_path_is_none_or_the_bytes(store: BlobStore, staging: Staging) -> 
     store.put_file(key, path)
     local = store.local_path(key)
     assert local is None or local.read_bytes() == data
+    file = store.local_file(key)
+    assert file is None or (file[1] == len(data) and Path(file[0]).read_bytes() == data)
+    assert (file is None) == (local is None)
+    missing = BlobKey(hashlib.sha256(b"never stored").hexdigest())
+    assert store.local_file(missing) is None
 
 
 def test_check_passes_when_usable(store: BlobStore) -> None:

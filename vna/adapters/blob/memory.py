@@ -45,6 +45,9 @@ class MemoryBlobStore:
     def local_path(self, key: BlobKey) -> Path | None:
         return None
 
+    def local_file(self, key: BlobKey) -> tuple[str, int] | None:
+        return None
+
     def keys(self) -> Iterator[BlobKey]:
         yield from (BlobKey(k) for k in list(self._blobs))
 

@@ -303,6 +303,9 @@ class S3BlobStore:
     def local_path(self, key: BlobKey) -> Path | None:
         return None
 
+    def local_file(self, key: BlobKey) -> tuple[str, int] | None:
+        return None
+
     def keys(self) -> Iterator[BlobKey]:
         paginator = self._client.get_paginator("list_objects_v2")
         try:
