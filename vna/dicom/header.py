@@ -21,6 +21,7 @@ from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.json_model import conform
 from vna.dicom.matching import (
     ATTRIBUTES,
+    ITEM_VALUE_LENGTH,
     SEQUENCES,
     Level,
     normalize_person_name,
@@ -272,10 +273,9 @@ def _column_value(element: dict[str, Any] | None, vr: str) -> Any:
 
 
 _INT_VRS = {"IS", "US", "UL", "SL", "SS"}
-_ATTRIBUTE_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in ATTRIBUTES}
-_SEQUENCE_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in SEQUENCES}
-_ITEM_TAGS = {key: f"{tag_for_keyword(key):08X}" for s in SEQUENCES.values()
-              for key in s.item_keys}
+_TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in (
+    *ATTRIBUTES, *SEQUENCES, *(key for s in SEQUENCES.values() for key in s.item_keys))}
+"""The DICOM JSON key of every attribute the index keeps."""
 
 
 def extract_record(
@@ -284,7 +284,7 @@ def extract_record(
 ) -> IndexRecord:
     """The index's view of one instance: its DICOM JSON, and the query columns."""
     metadata = dataset_to_json(ds, "")
-    uid = {k: _column_value(metadata.get(_ATTRIBUTE_TAGS[k]), "UI")
+    uid = {k: _column_value(metadata.get(_TAGS[k]), "UI")
            for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")}
     base_uri = instance_path(uid["StudyInstanceUID"], uid["SeriesInstanceUID"],
                              uid["SOPInstanceUID"])
@@ -293,7 +293,7 @@ def extract_record(
     for keyword, attr in ATTRIBUTES.items():
         if attr.computed:
             continue
-        columns[attr.level][keyword] = _column_value(metadata.get(_ATTRIBUTE_TAGS[keyword]),
+        columns[attr.level][keyword] = _column_value(metadata.get(_TAGS[keyword]),
                                                      attr.vr)
     # Search forms: PN case/accent-folded, TM fixed-width for range matching.
     for level_cols in columns.values():
@@ -323,15 +323,15 @@ def sequence_items(metadata: Mapping[str, Any]) -> dict[str, list[SequenceItem]]
     DICOM JSON; the same for the write path, an older event and the migration."""
     out: dict[str, list[SequenceItem]] = {}
     for keyword, sequence in SEQUENCES.items():
-        element = metadata.get(_SEQUENCE_TAGS[keyword])
+        element = metadata.get(_TAGS[keyword])
         items = element.get("Value") if isinstance(element, dict) else None
         for item in items or []:
             if not isinstance(item, dict):
                 continue
-            values = {key: _column_value(item.get(_ITEM_TAGS[key]), dictionary_VR(key))
+            values = {key: _column_value(item.get(_TAGS[key]), dictionary_VR(key))
                       for key in sequence.item_keys}
             out.setdefault(keyword, []).append(SequenceItem(
-                {k: str(v)[:64] for k, v in values.items()},
+                {k: str(v)[:ITEM_VALUE_LENGTH] for k, v in values.items()},
                 json.dumps(item, separators=(",", ":"))))
     return out
 

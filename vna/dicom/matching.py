@@ -108,6 +108,9 @@ class SequenceAttribute:
     item_keys: tuple[str, ...]
 
 
+ITEM_VALUE_LENGTH = 64
+"""What the index keeps of an item key's value (SH allows 16); longer ones are cut."""
+
 SEQUENCES: dict[str, SequenceAttribute] = {
     # PS3.18 Tables 10.6.1-5 and 10.6.3-4: the series' Request Attribute Sequence.
     "RequestAttributesSequence": SequenceAttribute(

@@ -30,10 +30,15 @@ class FilesystemBlobStore:
     def from_url(cls, url: str) -> FilesystemBlobStore:
         return cls(Path(unquote(urlparse(url).path)))
 
-    def _path(self, key: BlobKey) -> Path:
+    def _file(self, key: BlobKey) -> str:
+        """The blob's file name, as a string: pathlib's joins cost more than the stat
+        that usually follows (about 30 us a blob, 30 ms for a 1,000-instance study)."""
         if not is_blob_key(key):
             raise KeyError(key)
-        return self.root / key[:2] / key[2:4] / key
+        return f"{self._root}/{key[:2]}/{key[2:4]}/{key}"
+
+    def _path(self, key: BlobKey) -> Path:
+        return Path(self._file(key))
 
     def staging_dir(self) -> Path:
         """A directory on the same filesystem, so that ``put_file`` can rename."""
@@ -129,16 +134,11 @@ class FilesystemBlobStore:
             raise KeyError(key) from None
 
     def local_path(self, key: BlobKey) -> Path | None:
-        path = self._path(key)
-        return path if path.exists() else None
+        found = self.local_file(key)
+        return Path(found[0]) if found is not None else None
 
     def local_file(self, key: BlobKey) -> tuple[str, int] | None:
-        # Strings and one stat: a whole-study retrieval asks this of every blob before
-        # its first byte, and pathlib's joins cost more than the stat (about 30 us a
-        # blob, 30 ms for 1,000 instances).
-        if not is_blob_key(key):
-            raise KeyError(key)
-        path = f"{self._root}/{key[:2]}/{key[2:4]}/{key}"
+        path = self._file(key)
         try:
             return path, os.stat(path).st_size
         except FileNotFoundError:

@@ -34,7 +34,7 @@ from sqlalchemy.engine import Connection
 
 from vna.adapters.index.conditions import text_condition
 from vna.adapters.index.schema import column_name, metadata, series
-from vna.dicom.matching import SEQUENCES, Match, sequence_key
+from vna.dicom.matching import ITEM_VALUE_LENGTH, SEQUENCES, Match, sequence_key
 from vna.model import SequenceItem
 
 request_attributes = Table(
@@ -42,7 +42,7 @@ request_attributes = Table(
     metadata,
     Column("pk", Integer, primary_key=True, autoincrement=True),
     Column("series_pk", Integer, ForeignKey("series.pk"), nullable=False),
-    *(Column(column_name(key), String(64), nullable=False, default="")
+    *(Column(column_name(key), String(ITEM_VALUE_LENGTH), nullable=False, default="")
       for key in SEQUENCES["RequestAttributesSequence"].item_keys),
     Column("item", Text, nullable=False),
     # One row per distinct item of a series; the series' look-ups use its first column.

@@ -767,20 +767,20 @@ class _Upsert:
             for owned in extra.owned_values(record.extended, {
                 Level.PATIENT: self._patient_pk(record), Level.STUDY: self._study_pk(record),
                 Level.SERIES: self._series_pk(record), Level.IMAGE: pk})])
+        new_records = [record for record, _ in items
+                       if record.instance["SOPInstanceUID"] in added]
         sequences.write_items(self.conn, [
             (self._series_pk(record), record.sequence_items
              if record.sequence_items is not None
              else sequence_items(json.loads(record.metadata_json)))
-            for record, _ in items if record.instance["SOPInstanceUID"] in added])
+            for record in new_records])
         for patient_id, study_uid in dict.fromkeys(owners[uid] for uid in added):
             corrections.after_upsert(self.index, self.conn, patient_id, study_uid)
-        if touched := sorted({self._study_pk(record) for record, _ in items
-                              if record.instance["SOPInstanceUID"] in added}):
+        if touched := sorted({self._study_pk(record) for record in new_records}):
             corrections.touch_studies(self.conn, studies.c.pk.in_(touched))
             # After the touch, which locks these studies' rows in one order (PostgreSQL):
             # updating some of them before it could deadlock two indexers.
-            self._fill_timezone_offsets([record for record, _ in items
-                                         if record.instance["SOPInstanceUID"] in added])
+            self._fill_timezone_offsets(new_records)
         outgoing = [{"routing_key": e.routing_key, "payload": encode_event(e),
                      "created_at": now, "attempts": 0}
                     for uid, e in events.items() if e is not None and uid in added]
