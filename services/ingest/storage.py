@@ -361,7 +361,8 @@ class _Association:
             return  # nothing to cancel: each C-STORE is answered when its data set is in
         else:
             self._abort(reason=0x02)
-            raise ProtocolError(f"DIMSE command {field:#06x} on a storage association")
+            raise ProtocolError("command set without a Command Field" if field is None
+                                else f"DIMSE command {field:#06x} on a storage association")
 
     def _data_fragment(self, context_id: int, fragment: memoryview, *, last: bool) -> None:
         pending = self.pending

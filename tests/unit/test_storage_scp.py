@@ -328,7 +328,10 @@ def test_connection_lost_inside_a_data_set_stores_nothing(scp: Scp, core: Core) 
     _p_data(1, 0x03, b"\x01\x02\x03"),  # not a command set
     bytes((0x04, 0, 0, 0, 0, 6)) + struct.pack(">I", 40) + b"\x01\x03",  # PDV beyond its PDU
     bytes((0x09, 0, 0, 0, 0, 0)),  # no such PDU type
-], ids=["unaccepted-context", "data-first", "garbage-command", "pdv-overrun", "unknown-pdu"])
+    _p_data(1, 0x03, _command([(0x0110, struct.pack("<H", 7))])),  # no Command Field
+    _p_data(1, 0x03, _command([(0x0100, b"\x01")])),  # a Command Field one byte long
+], ids=["unaccepted-context", "data-first", "garbage-command", "pdv-overrun", "unknown-pdu",
+        "no-command-field", "short-command-field"])
 def test_protocol_errors_abort_and_the_scp_keeps_serving(scp: Scp, pdu: bytes) -> None:
     conn = _associated(scp)
     conn.sendall(pdu)

@@ -160,6 +160,21 @@ def test_truncated_and_garbage_data_sets_are_refused(core: Core, tmp_path: Path)
     assert _store(core, good) is ClaimOutcome.NEW  # and the archive keeps working
 
 
+def test_an_element_header_cut_short_is_refused_as_unreadable(core: Core,
+                                                               tmp_path: Path) -> None:
+    # Explicit VR, a 4-byte length field (OB) of which only 2 bytes arrived: pydicom
+    # fails to unpack it rather than reporting the end of the file.
+    good = _file(tmp_path, ct_instance(rows=16, columns=16))
+    cut = tmp_path / "cut-header.dcm"
+    cut.write_bytes(good.read_bytes() + b"\xe1\x7f\x10\x00OB\x00\x00\x01\x00")
+    with pytest.raises(StoreError) as err:
+        _store(core, cut)
+    assert err.value.failure is StoreFailure.UNREADABLE
+    assert "cannot be parsed" in err.value.reason
+    assert list(core.blobs.keys()) == []
+    assert _store(core, good) is ClaimOutcome.NEW
+
+
 def test_unreachable_blob_store_answers_retry_and_records_nothing(
     core: Core, tmp_path: Path
 ) -> None:

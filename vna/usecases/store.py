@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import struct
 import tempfile
 import time
 import warnings
@@ -320,8 +321,9 @@ def _validate(framed: Path, received: Received, framing: Framed
             values = _record_values(record) if record is not None else _header_values(ds)
     except StoreError:
         raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, OSError, TypeError,
-            NotImplementedError, OverflowError) as exc:
+    except (InvalidDicomError, EOFError, ValueError, KeyError, IndexError, OSError, TypeError,
+            NotImplementedError, OverflowError, struct.error) as exc:
+        # What pydicom raises on a damaged header: a length cut short is struct.error.
         raise StoreError(StoreFailure.UNREADABLE,
                          f"data set cannot be parsed ({type(exc).__name__})") from exc
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
