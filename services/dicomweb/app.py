@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from services.dicomweb import qido, rendered, stow, wado
-from services.dicomweb.common import PREFIX
+from services.dicomweb.common import PREFIX, warning
 from services.dicomweb.sendfile import SendfileExtension
 from services.dicomweb.viewer import viewer_router
 from vna import metrics
@@ -76,9 +76,7 @@ def create_app(deps: Deps) -> FastAPI:
         # The reason also goes in a Warning header: DICOMweb clients show it (PS3.18 8.6.3).
         headers = dict(exc.headers or {})
         if exc.status_code >= 400 and isinstance(exc.detail, str):
-            reason = " ".join(exc.detail.replace('"', "'").split())  # one line: a header
-            reason = reason.encode("ascii", "replace").decode()
-            headers.setdefault("Warning", f'299 VNA: "{reason}"')
+            headers.setdefault("Warning", warning(exc.detail))
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code,
                             headers=headers)
 

@@ -46,6 +46,15 @@ FRAME_MEDIA_TYPE = {
 }
 
 
+def warning(text: str, agent: str = "VNA") -> str:
+    """A ``Warning`` header value (PS3.18 8.6.3, RFC 7234 5.5) carrying ``text``:
+    one line of printable ASCII, its own quotes made single. A reason may quote what
+    the client sent, and a control character in a header value is refused by the
+    HTTP server, which then drops the connection instead of answering."""
+    line = " ".join(text.replace('"', "'").split())
+    return f'299 {agent}: "' + "".join(c if " " <= c <= "~" else "?" for c in line) + '"'
+
+
 def get_deps(request: Request) -> Deps:
     deps: Deps = request.app.state.deps
     return deps

@@ -31,7 +31,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from services.dicomweb.common import DepsDep, base_url, json_response
+from services.dicomweb.common import DepsDep, base_url, json_response, warning
 from vna.bootstrap import Deps
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.matching import (
@@ -51,6 +51,8 @@ from vna.usecases.search import backfilling, search
 router = APIRouter()
 
 _RESERVED = {"limit", "offset", "fuzzymatching", "includefield"}
+_SQL_INTEGER_MAX = 2**63 - 1
+"""The largest LIMIT or OFFSET SQLite and PostgreSQL take (a signed 64-bit integer)."""
 _UTC_OFFSET = re.compile(r"[+-](?:0\d|1[0-4])[0-5]\d")
 """TimezoneOffsetFromUTC (0008,0201): ±HHMM, hours up to 14 (PS3.3 C.12.1.1.8)."""
 _RETRIEVE_URL = "00081190"
@@ -75,7 +77,9 @@ def _int_param(request: Request, name: str) -> int | None:
         raise HTTPException(400, f"{name}: {raw!r} is not an integer") from exc
     if value < 0:
         raise HTTPException(400, f"{name}: must not be negative")
-    return value
+    # Beyond what a database integer holds, the answer is the same as at its maximum
+    # (nothing skipped past, nothing more returned), not an error.
+    return min(value, _SQL_INTEGER_MAX)
 
 
 def query_from_params(level: Level, request: Request, fixed: dict[str, str] | None = None,
@@ -178,12 +182,11 @@ async def _answer(level: Level, request: Request, deps: Deps,
     warnings: list[str] = []
     if capped and len(results) > max_results:
         results = results[:max_results]
-        warnings.append(
-            f'299 {host}: "The number of results exceeded the maximum supported by the '
-            'server. Additional results can be requested."')
+        warnings.append(warning("The number of results exceeded the maximum supported by "
+                                "the server. Additional results can be requested.", host))
     if incomplete:
-        warnings.append(f'299 {host}: "Values of {", ".join(incomplete)} are still being '
-                        'backfilled: the results may be incomplete."')
+        warnings.append(warning(f"Values of {', '.join(incomplete)} are still being "
+                                "backfilled: the results may be incomplete.", host))
     headers = {"Warning": ", ".join(warnings)} if warnings else {}
     root = base_url(request)
     for obj in results:

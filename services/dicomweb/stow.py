@@ -64,6 +64,7 @@ from services.dicomweb.common import (
     OCTET_STREAM,
     DepsDep,
     base_url,
+    warning,
 )
 from services.dicomweb.multipart import MultipartError, Part, parse_content_type, read_parts
 from services.dicomweb.negotiation import DEFAULT_FRAME_SYNTAX
@@ -467,8 +468,7 @@ async def _stow(request: Request, deps: Deps, study: str | None) -> Response:
     reasons = sorted({o.reason for o in outcomes if not o.stored and o.reason})
     if reasons:
         # FailureReason is a code; the words go in a Warning for people (PS3.18 8.6.3).
-        text = " ".join("; ".join(reasons[:3]).replace('"', "'").split())
-        headers["Warning"] = '299 VNA: "' + text.encode("ascii", "replace").decode()[:900] + '"'
+        headers["Warning"] = warning("; ".join(reasons[:3])[:900])
     if stored == len(outcomes):
         code = 200
     elif stored:

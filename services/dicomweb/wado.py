@@ -49,6 +49,7 @@ from services.dicomweb.common import (
     accepted,
     json_bytes_response,
     media_matches,
+    warning,
 )
 from services.dicomweb.layout import (
     Extent,
@@ -247,9 +248,7 @@ async def _retrieve(request: Request, deps: Deps, found: list[StoredInstance]) -
     if refused:
         # PS3.18 8.6.3: some instances could not be sent in an acceptable syntax.
         status = 206
-        reason = " ".join(_summary(refused).replace('"', "'").split())
-        reason = reason.encode("ascii", "replace").decode()
-        headers["Warning"] = f'299 VNA: "{len(refused)} instance(s) not sent: {reason}"'
+        headers["Warning"] = warning(f"{len(refused)} instance(s) not sent: {_summary(refused)}")
     boundary = uuid.uuid4().hex
     media_type = f'multipart/related; type="{APPLICATION_DICOM}"'
     # The whole response names its syntax only when no part can come in another.

@@ -198,6 +198,12 @@ def test_qido_paging_is_stable_and_capped_with_a_warning(web: Web) -> None:
     assert len(seen) == 7 and len(set(seen)) == 7
     again = httpx.get(f"{web.root}/instances", params={"limit": 4}).json()
     assert [value(o, "00080018") for o in again] == seen[:4]
+    # Beyond any database integer: past the end, and capped, as smaller ones are.
+    past = httpx.get(f"{web.root}/instances", params={"offset": "9" * 20})
+    assert past.status_code == 200 and past.json() == []
+    many = httpx.get(f"{web.root}/instances", params={"limit": "9" * 20})
+    assert many.status_code == 200 and len(many.json()) == 5
+    assert many.headers["warning"].startswith("299 ")
 
 
 def test_qido_matching_includefield_fuzzy_and_encoded_wildcards(web: Web) -> None:
@@ -252,6 +258,10 @@ def test_qido_accepts_a_timezone_offset_and_matches_dates_as_stored(web: Web) ->
     ({"SOPInstanceUID": "1.2.3"}, "below the STUDY level"),
     ({"TimezoneOffsetFromUTC": "0100"}, "not an offset"),
     ({"00080201": "+2500"}, "not an offset"),
+    # Echoed in the reason: a control character must not cost the answer its Warning
+    # header (the HTTP server refuses such a header and drops the connection).
+    ({"includefield": "\x00"}, "unknown attribute"),
+    ({"Modality\x01": "CT"}, "unknown attribute"),
 ])
 def test_qido_bad_parameters_get_400_with_a_reason(web: Web, params: dict[str, str],
                                                     reason: str) -> None:
