@@ -59,6 +59,14 @@ def test_compressed_bulk_part_is_encapsulated(tmp_path: Path) -> None:
     assert back["PixelData"].is_undefined_length
 
 
+def test_an_empty_compressed_bulk_part_is_refused(tmp_path: Path) -> None:
+    obj = native_ct().to_json_dict(bulk_data_threshold=256,
+                                   bulk_data_element_handler=lambda _: "px")
+    with pytest.raises(JsonInstanceError, match="compressed pixel data"):
+        write_instance(obj, {"px": _bulk(tmp_path, "px", b"", JPEGLSLossless)},
+                       tmp_path / "out.dcm")
+
+
 @pytest.mark.parametrize(("obj", "message"), [
     ([], "not an object"),
     ({"zzzz0020": {"vr": "LO", "Value": ["x"]}}, "not a DICOM JSON instance"),
@@ -67,6 +75,17 @@ def test_compressed_bulk_part_is_encapsulated(tmp_path: Path) -> None:
 def test_bad_instances_say_why(tmp_path: Path, obj: object, message: str) -> None:
     with pytest.raises(JsonInstanceError, match=message):
         write_instance(obj, {}, tmp_path / "out.dcm")
+
+
+def test_a_value_pydicom_cannot_encode_is_refused_without_a_traceback(tmp_path: Path) -> None:
+    ds = native_ct()
+    del ds.PixelData
+    obj = ds.to_json_dict()
+    obj["00281051"] = {"vr": "LO", "Value": [5]}  # a number where LO needs a string
+    with pytest.raises(JsonInstanceError, match=r"cannot be encoded: .*\(0028,1051\)") as err:
+        write_instance(obj, {}, tmp_path / "out.dcm")
+    # The reason goes back to the client: pydicom's appended traceback stays here.
+    assert "Traceback" not in str(err.value) and ".py" not in str(err.value)
 
 
 def test_a_bulk_data_uri_without_its_part(tmp_path: Path) -> None:

@@ -93,7 +93,7 @@ def write_instance(obj: Any, bulk: Mapping[str, BulkPart], path: Path) -> str:
     except JsonInstanceError:
         raise
     except Exception as exc:  # pydicom raises many kinds on bad JSON
-        raise JsonInstanceError(f"not a DICOM JSON instance: {' '.join(str(exc).split())}"
+        raise JsonInstanceError(f"not a DICOM JSON instance: {_first_line(exc)}"
                                 ) from exc
     syntax = _syntax(obj, pixel_part[0] if pixel_part else None)
     frames = _number_of_frames(ds)
@@ -105,13 +105,13 @@ def write_instance(obj: Any, bulk: Mapping[str, BulkPart], path: Path) -> str:
         if len({part.transfer_syntax_uid for part in pixel_frames}) > 1:
             raise JsonInstanceError("the frame parts name different transfer syntaxes")
         codestreams = [part.path.read_bytes() for part in pixel_frames]
-        ds.PixelData = encapsulate(codestreams) if compressed else b"".join(codestreams)
+        ds.PixelData = _encapsulated(codestreams) if compressed else b"".join(codestreams)
     elif compressed:
         if frames > 1:
             raise JsonInstanceError("compressed multi-frame pixel data in one bulk data "
                                     "part: send each frame as its own part, at "
                                     "{BulkDataURI}/frames/{n}, or application/dicom")
-        ds.PixelData = encapsulate([ds.PixelData])
+        ds.PixelData = _encapsulated([ds.PixelData])
     if compressed:
         ds["PixelData"].VR = "OB"
         ds["PixelData"].is_undefined_length = True
@@ -126,8 +126,23 @@ def write_instance(obj: Any, bulk: Mapping[str, BulkPart], path: Path) -> str:
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
     except Exception as exc:  # pydicom's writer: bad values, VRs, lengths
         raise JsonInstanceError(f"the instance cannot be encoded: "
-                                f"{' '.join(str(exc).split())}") from exc
+                                f"{_first_line(exc)}") from exc
     return syntax
+
+
+def _first_line(exc: Exception) -> str:
+    """pydicom's message without the traceback it appends to some (the reason goes
+    back to the client, which has no use for the archive's file paths)."""
+    return " ".join(str(exc).split("Traceback (most recent call last)")[0].split())
+
+
+def _encapsulated(codestreams: list[bytes]) -> bytes:
+    """The compressed frames as encapsulated Pixel Data; a frame too short to be one
+    (pydicom needs two bytes a fragment) is the sender's error, not the archive's."""
+    try:
+        return encapsulate(codestreams)
+    except ValueError as exc:
+        raise JsonInstanceError(f"compressed pixel data: {exc}") from exc
 
 
 def _frame_parts(bulk: Mapping[str, BulkPart], uri: str) -> list[BulkPart]:
