@@ -31,7 +31,13 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import (
+    AE,
+    ALL_TRANSFER_SYNTAXES,
+    AllStoragePresentationContexts,
+    StoragePresentationContexts,
+    evt,
+)
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -557,6 +563,17 @@ def move_contexts(instances: list[StoredInstance]) -> list[PresentationContext]:
     return contexts[:128]
 
 
+def refusal_contexts() -> list[PresentationContext]:
+    """Contexts for the empty association pynetdicom opens to the destination before
+    it answers a refused C-MOVE: Verification and the common storage classes. Were it
+    Verification alone, a destination that accepts only storage would reject the
+    association, and pynetdicom would answer 0xA801 (destination unknown) instead of
+    the reason the request was refused."""
+    return [build_context(Verification)] + [
+        build_context(str(cx.abstract_syntax), [str(ts) for ts in cx.transfer_syntax])
+        for cx in StoragePresentationContexts[:127]]
+
+
 def _retrieve_failure(exc: RetrieveRequestError | Unavailable) -> Dataset:
     if isinstance(exc, RetrieveRequestError):
         return _failure(exc.code, exc.reason)
@@ -585,7 +602,7 @@ def handle_move(event: evt.Event, *, deps: Deps) -> Iterator[Any]:
     except (RetrieveRequestError, Unavailable) as exc:
         # pynetdicom answers a failure only after the destination and one
         # sub-operation are announced; the association it opens carries nothing.
-        yield host, port, {"contexts": [build_context(Verification)]}
+        yield host, port, {"contexts": refusal_contexts()}
         yield 1
         yield _retrieve_failure(exc), None
         return

@@ -25,7 +25,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     generate_uid,
 )
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -45,6 +45,7 @@ pytestmark = pytest.mark.integration
 
 HOST = "127.0.0.1"
 PEER_AE = "STORESCP"
+STORAGE_ONLY_AE = "STOREONLY"
 
 
 def _need_dcmtk() -> None:
@@ -136,13 +137,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     peer = subprocess.Popen(["storescp", "+B", "-aet", PEER_AE, "-od", str(peer_dir),
                              str(peer_port)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    # A destination that accepts storage and nothing else (no Verification).
+    storage_only = AE(ae_title=STORAGE_ONLY_AE)
+    storage_only.supported_contexts = StoragePresentationContexts
+    storage_only_port = free_port()
+    storage_only_server = storage_only.start_server((HOST, storage_only_port), block=False)
     try:
         with Archive(tmp / "data", peers=f"{PEER_AE}@{HOST}:{peer_port},"
-                     f"OFFLINE@{HOST}:{free_port()}") as archive:
+                     f"OFFLINE@{HOST}:{free_port()},"
+                     f"{STORAGE_ONLY_AE}@{HOST}:{storage_only_port}") as archive:
             store(archive, src)
             archive.wait_indexed(15)
             yield World(archive, tmp, a1, a2, b1, peer_dir)
     finally:
+        storage_only_server.shutdown()
         peer.terminate()
         peer.wait(timeout=10)
 
@@ -448,6 +456,12 @@ def test_move_without_unique_key_fails(world: World) -> None:
             PEER_AE, StudyRootQueryRetrieveInformationModelMove))
         assert invalid[-1][0].Status == status.UNABLE_TO_PROCESS
         assert "not a valid UID" in invalid[-1][0].ErrorComment
+        # To a destination that accepts storage only: still the reason, not 0xA801.
+        refused = list(assoc.send_c_move(
+            identifier(QueryRetrieveLevel="STUDY", StudyInstanceUID="../etc"),
+            STORAGE_ONLY_AE, StudyRootQueryRetrieveInformationModelMove))
+        assert refused[-1][0].Status == status.UNABLE_TO_PROCESS
+        assert "not a valid UID" in refused[-1][0].ErrorComment
     finally:
         assoc.release()
 
