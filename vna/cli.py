@@ -343,12 +343,19 @@ def cmd_ingest_worker(settings: Settings) -> int:
 
 
 def _registrars() -> list[Any]:
-    """Optional DIMSE services that plug into the archive's AE (Q/R, worklist)."""
+    """Optional DIMSE services that plug into the archive's AE (Q/R, storage
+    commitment, worklist)."""
     found = []
     try:
         from services.ingest.qr import register_query_retrieve
 
         found.append(register_query_retrieve)
+    except ImportError:
+        pass
+    try:
+        from services.ingest.commitment import register_commitment
+
+        found.append(register_commitment)
     except ImportError:
         pass
     try:

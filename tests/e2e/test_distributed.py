@@ -19,6 +19,12 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from tests.support.commitment import (
+    CommitmentListener,
+    commitment_request,
+    referenced,
+    request_commitment,
+)
 from tests.support.processes import VnaProcess, delete_bus_namespace, free_port, wait_for
 from vna.dicom.part10 import read_header
 from vna.testing.synthetic import write_ct_series
@@ -68,6 +74,8 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
         "VNA_UP_INGEST_METRICS_PORT": str(free_port()),
         "VNA_UP_INDEX_METRICS_PORT": str(free_port()),
     }
+    modality = CommitmentListener("CT_SCANNER").start()
+    env["VNA_PEERS"] = modality.peer
     archive = VnaProcess(tmp_path / "data", command="up", env=env)
     archive.start(timeout=120)
     try:
@@ -119,6 +127,20 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
             assert received[pydicom.dcmread(path).SOPInstanceUID] == _data_set(
                 path.read_bytes())
 
+        # Storage Commitment: the claim in PostgreSQL and the blob in S3 say "committed".
+        transaction = generate_uid()
+        kept = [pydicom.dcmread(p, stop_before_pixels=True) for p in second[:2]]
+        unknown = generate_uid()
+        rsp = request_commitment(archive.dimse_port, commitment_request(
+            transaction, [(ds.SOPClassUID, ds.SOPInstanceUID) for ds in kept]
+            + [(kept[0].SOPClassUID, unknown)]), ae_title=modality.ae_title)
+        assert rsp.Status == 0
+        event_type, info = modality.reports.get(timeout=60)
+        assert (event_type, info.TransactionUID) == (2, transaction)
+        assert referenced(info.ReferencedSOPSequence) == {
+            ds.SOPInstanceUID: ds.SOPClassUID for ds in kept}
+        assert [item.ReferencedSOPInstanceUID for item in info.FailedSOPSequence] == [unknown]
+
         # HTTP dies and comes back with the same answers.
         _kill_and_wait_restart(archive, "dicomweb")
         wait_for(lambda: _instances(archive.base_url, "UP-1") == 80, 60, 0.2, "dicomweb back")
@@ -128,6 +150,7 @@ def test_make_up_survives_killing_each_service(tmp_path: Path, backends: dict[st
         assert archive.stop() == 0
     finally:
         archive.stop()
+        modality.stop()
         _drop_database(db)
         delete_bus_namespace(backends["amqp"], env["VNA_BUS_NAMESPACE"])
 

@@ -16,6 +16,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from vna.dicom import status
+from vna.dicom.status import (  # the N-service statuses MPPS answers (PS3.4 F.7.2)
+    DUPLICATE_SOP_INSTANCE,
+    INVALID_ATTRIBUTE_VALUE,
+    MISSING_ATTRIBUTE,
+    MISSING_ATTRIBUTE_VALUE,
+    NO_SUCH_OBJECT_INSTANCE,
+    PROCESSING_FAILURE,
+    RESOURCE_LIMITATION,
+)
 from vna.dicom.uids import invalid_uid_reason
 from vna.events import MppsCompleted, PerformedInstanceRef
 from vna.ports import Index, Unavailable
@@ -33,15 +42,6 @@ from vna.worklist.ports import WorklistStore, WorklistTx
 
 log = logging.getLogger("vna.worklist.mpps")
 
-# DIMSE N-service statuses (PS3.7 C.4, PS3.4 F.7.2).
-NO_SUCH_ATTRIBUTE = 0x0105
-INVALID_ATTRIBUTE_VALUE = 0x0106
-PROCESSING_FAILURE = 0x0110
-DUPLICATE_SOP_INSTANCE = 0x0111
-NO_SUCH_OBJECT_INSTANCE = 0x0112
-MISSING_ATTRIBUTE = 0x0120
-MISSING_ATTRIBUTE_VALUE = 0x0121
-RESOURCE_LIMITATION = 0x0213
 MAY_NO_LONGER_BE_UPDATED = 0xA710
 """Error ID of PROCESSING_FAILURE when the step is already COMPLETED or DISCONTINUED."""
 

@@ -1,0 +1,172 @@
+"""Storage Commitment Push Model, SCP (PS3.4 Annex J): a modality asks whether the
+archive has safely stored a list of instances before it deletes its own copies.
+
+The N-ACTION is answered at once; the commitment result follows in an N-EVENT-REPORT
+on a new association to the requester, named by its AE title in ``VNA_PEERS`` (as
+Orthanc does; PS3.4 J.3.3 allows the SCP either association). A requester that is not
+in ``VNA_PEERS`` is refused with a reason: a request accepted whose report could
+never arrive would leave the modality waiting, then keeping or deleting on a guess.
+
+An instance is committed when the index holds its claim, with the same SOP Class,
+and the blob store holds its blob: the store path records a claim only after the
+blob is durable (invariant 1), so both are on disk, or in S3, when this answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, cast
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+from vna.bootstrap import Deps
+from vna.dicom import status
+from vna.dicom.uids import is_valid_uid
+from vna.ports import Unavailable
+
+log = logging.getLogger("vna.ingest.commitment")
+
+Handlers = list[tuple[Any, Any]]
+
+WELL_KNOWN_INSTANCE = "1.2.840.10008.1.20.1.1"
+"""The Storage Commitment Push Model SOP Instance (PS3.4 J.3.5)."""
+REQUEST_STORAGE_COMMITMENT = 1
+"""Action Type ID of a commitment request (PS3.4 J.3.2.1)."""
+ALL_COMMITTED, SOME_FAILED = 1, 2
+"""Event Type IDs of the report (PS3.4 J.3.3.1)."""
+
+
+def register_commitment(ae: AE, handlers: Handlers, deps: Deps) -> None:
+    """Accept Storage Commitment requests on ``ae``; reports go out from ``ae`` too."""
+    ae.add_supported_context(StorageCommitmentPushModel)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    handlers.append((evt.EVT_N_ACTION, lambda event: handle_commitment(
+        event, deps=deps, ae=ae)))
+
+
+def handle_commitment(event: evt.Event, *, deps: Deps, ae: AE) -> tuple[Dataset | int, None]:
+    """N-ACTION: check the request, answer it, and report on the instances after."""
+    request = cast(N_ACTION, event.request)
+    if str(request.RequestedSOPInstanceUID) != WELL_KNOWN_INSTANCE:
+        return _failure(status.NO_SUCH_OBJECT_INSTANCE,
+                        f"Requested SOP Instance UID must be {WELL_KNOWN_INSTANCE}"), None
+    if request.ActionTypeID != REQUEST_STORAGE_COMMITMENT:
+        return _failure(status.NO_SUCH_ACTION,
+                        f"Action Type ID {request.ActionTypeID}: only 1 is defined"), None
+    requester = str(event.assoc.requestor.ae_title).strip()
+    peer = deps.settings.peer_table().get(requester)
+    if peer is None:
+        log.warning("storage commitment: requester not in VNA_PEERS",
+                    extra={"source_ae": requester})
+        return _failure(status.PROCESSING_FAILURE,
+                        f"{requester} is not in VNA_PEERS: the commitment report "
+                        "could not be sent to it"), None
+    try:
+        info = event.action_information
+        transaction_uid, items = _request_items(info)
+    except (ValueError, AttributeError, TypeError, KeyError) as exc:
+        return _failure(status.INVALID_ATTRIBUTE_VALUE, str(exc)), None
+    threading.Thread(target=_report, name="storage-commitment", daemon=True,
+                     args=(ae, peer, requester, transaction_uid, items, deps)).start()
+    log.info("storage commitment requested",
+             extra={"source_ae": requester, "instances": len(items)})
+    return status.SUCCESS, None
+
+
+def _request_items(info: Dataset | None) -> tuple[str, list[tuple[str, str]]]:
+    """The Transaction UID and the (SOP Class, SOP Instance) pairs of a request."""
+    if info is None:
+        raise ValueError("the N-ACTION carries no Action Information")
+    transaction_uid = str(info.get("TransactionUID", "") or "")
+    if not is_valid_uid(transaction_uid):
+        raise ValueError("Transaction UID is missing or not a valid UID")
+    sequence = info.get("ReferencedSOPSequence")
+    if not sequence:
+        raise ValueError("Referenced SOP Sequence is missing or empty")
+    items = [(str(item.get("ReferencedSOPClassUID", "") or ""),
+              str(item.get("ReferencedSOPInstanceUID", "") or "")) for item in sequence]
+    return transaction_uid, items
+
+
+def commitment_result(items: list[tuple[str, str]], deps: Deps
+                      ) -> tuple[list[tuple[str, str]], list[tuple[str, str, int]]]:
+    """Which of ``items`` the archive holds (committed), and why each other is not
+    (a Failure Reason, PS3.4 J.3.3.1.1)."""
+    committed: list[tuple[str, str]] = []
+    failed: list[tuple[str, str, int]] = []
+    for sop_class, sop_instance in items:
+        try:
+            claim = deps.index.find_claim(sop_instance) if is_valid_uid(sop_instance) else None
+            if claim is None:
+                failed.append((sop_class, sop_instance, status.NO_SUCH_OBJECT_INSTANCE))
+            elif claim.sop_class_uid != sop_class:
+                failed.append((sop_class, sop_instance, status.CLASS_INSTANCE_CONFLICT))
+            elif not deps.blobs.exists(claim.blob_key):
+                log.error("storage commitment: a claimed instance has no blob",
+                          extra={"blob_key": claim.blob_key})
+                failed.append((sop_class, sop_instance, status.PROCESSING_FAILURE))
+            else:
+                committed.append((sop_class, sop_instance))
+        except Unavailable:  # not known now: not committed (the requester may ask again)
+            failed.append((sop_class, sop_instance, status.PROCESSING_FAILURE))
+    return committed, failed
+
+
+def report_dataset(transaction_uid: str, retrieve_ae: str, committed: list[tuple[str, str]],
+                   failed: list[tuple[str, str, int]]) -> tuple[int, Dataset]:
+    """The N-EVENT-REPORT's Event Type ID and Event Information (PS3.4 J.3.3.1)."""
+    ds = Dataset()
+    ds.TransactionUID = transaction_uid
+    if committed:
+        ds.RetrieveAETitle = retrieve_ae
+    ds.ReferencedSOPSequence = [_item(c, i) for c, i in committed]
+    if failed:
+        ds.FailedSOPSequence = [_item(c, i, reason) for c, i, reason in failed]
+    return (SOME_FAILED if failed else ALL_COMMITTED), ds
+
+
+def _report(ae: AE, peer: tuple[str, int], requester: str, transaction_uid: str,
+            items: list[tuple[str, str]], deps: Deps) -> None:
+    committed, failed = commitment_result(items, deps)
+    event_type, info = report_dataset(transaction_uid, deps.settings.ae_title, committed,
+                                      failed)
+    extra = {"destination": requester, "committed": len(committed), "failed": len(failed)}
+    # The SCP requests this association but keeps its role: SCP/SCU Role Selection.
+    assoc = ae.associate(peer[0], peer[1], ae_title=requester,
+                         contexts=[build_context(StorageCommitmentPushModel)],
+                         ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+    if not assoc.is_established:
+        log.warning("storage commitment report not delivered: no association", extra=extra)
+        return
+    try:
+        rsp, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
+                                           WELL_KNOWN_INSTANCE)
+        code = getattr(rsp, "Status", None)
+        if code == status.SUCCESS:
+            log.info("storage commitment reported", extra=extra)
+        else:
+            log.warning("storage commitment report not acknowledged",
+                        extra={**extra, "status": code})
+    finally:
+        assoc.release()
+
+
+def _item(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class
+    item.ReferencedSOPInstanceUID = sop_instance
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    rsp = Dataset()
+    rsp.Status = code
+    rsp.ErrorComment = comment[:64]
+    return rsp
