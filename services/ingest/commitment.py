@@ -2,10 +2,11 @@
 archive has safely stored a list of instances before it deletes its own copies.
 
 The N-ACTION is answered at once; the commitment result follows in an N-EVENT-REPORT
-on a new association to the requester, named by its AE title in ``VNA_PEERS`` (as
-Orthanc does; PS3.4 J.3.3 allows the SCP either association). A requester that is not
-in ``VNA_PEERS`` is refused with a reason: a request accepted whose report could
-never arrive would leave the modality waiting, then keeping or deleting on a guess.
+(PS3.4 J.3.3 allows either association). To a requester named by its AE title in
+``VNA_PEERS``, on a new association, as Orthanc sends it: whoever configured it there
+said where it listens. To any other, on its own association, which it keeps open
+for the report (as dcm4chee sends it while the association lasts); one that left
+gets no report (logged), and asks again or is added to ``VNA_PEERS``.
 
 An instance is committed when the index holds its claim, with the same SOP Class,
 and the blob store holds its blob: the store path records a claim only after the
@@ -20,7 +21,10 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.dimse_primitives import N_ACTION
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
@@ -51,28 +55,23 @@ def register_commitment(ae: AE, handlers: Handlers, deps: Deps) -> None:
 
 def handle_commitment(event: evt.Event, *, deps: Deps, ae: AE) -> tuple[Dataset | int, None]:
     """N-ACTION: check the request, answer it, and report on the instances after."""
-    request = cast(N_ACTION, event.request)
-    if str(request.RequestedSOPInstanceUID) != WELL_KNOWN_INSTANCE:
+    action = cast(N_ACTION, event.request)
+    if str(action.RequestedSOPInstanceUID) != WELL_KNOWN_INSTANCE:
         return _failure(status.NO_SUCH_OBJECT_INSTANCE,
                         f"Requested SOP Instance UID must be {WELL_KNOWN_INSTANCE}"), None
-    if request.ActionTypeID != REQUEST_STORAGE_COMMITMENT:
+    if action.ActionTypeID != REQUEST_STORAGE_COMMITMENT:
         return _failure(status.NO_SUCH_ACTION,
-                        f"Action Type ID {request.ActionTypeID}: only 1 is defined"), None
+                        f"Action Type ID {action.ActionTypeID}: only 1 is defined"), None
     requester = str(event.assoc.requestor.ae_title).strip()
-    peer = deps.settings.peer_table().get(requester)
-    if peer is None:
-        log.warning("storage commitment: requester not in VNA_PEERS",
-                    extra={"source_ae": requester})
-        return _failure(status.PROCESSING_FAILURE,
-                        f"{requester} is not in VNA_PEERS: the commitment report "
-                        "could not be sent to it"), None
     try:
         info = event.action_information
         transaction_uid, items = _request_items(info)
     except (ValueError, AttributeError, TypeError, KeyError) as exc:
         return _failure(status.INVALID_ATTRIBUTE_VALUE, str(exc)), None
+    request = _Request(event.assoc, requester, deps.settings.peer_table().get(requester),
+                       transaction_uid, items)
     threading.Thread(target=_report, name="storage-commitment", daemon=True,
-                     args=(ae, peer, requester, transaction_uid, items, deps)).start()
+                     args=(ae, request, deps)).start()
     log.info("storage commitment requested",
              extra={"source_ae": requester, "instances": len(items)})
     return status.SUCCESS, None
@@ -130,30 +129,90 @@ def report_dataset(transaction_uid: str, retrieve_ae: str, committed: list[tuple
     return (SOME_FAILED if failed else ALL_COMMITTED), ds
 
 
-def _report(ae: AE, peer: tuple[str, int], requester: str, transaction_uid: str,
-            items: list[tuple[str, str]], deps: Deps) -> None:
-    committed, failed = commitment_result(items, deps)
-    event_type, info = report_dataset(transaction_uid, deps.settings.ae_title, committed,
-                                      failed)
-    extra = {"destination": requester, "committed": len(committed), "failed": len(failed)}
+class _Request:
+    """An accepted commitment request, and when its N-ACTION-RSP has left.
+
+    The report must not overtake the response on the requester's association:
+    pynetdicom announces the response (EVT_DIMSE_SENT) before it queues its PDUs, and
+    the first P-DATA sent after that announcement is the response (a command set
+    alone, one PDU), which EVT_PDU_SENT reports once it is on the wire."""
+
+    def __init__(self, assoc: Association, requester: str, peer: tuple[str, int] | None,
+                 transaction_uid: str, items: list[tuple[str, str]]) -> None:
+        self.assoc = assoc
+        self.requester = requester
+        self.peer = peer
+        self.transaction_uid = transaction_uid
+        self.items = items
+        self._announced = False
+        self._answered = threading.Event()
+        assoc.bind(evt.EVT_DIMSE_SENT, self._dimse_sent)
+        assoc.bind(evt.EVT_PDU_SENT, self._pdu_sent)
+
+    def _dimse_sent(self, event: evt.Event) -> None:
+        if isinstance(event.message, N_ACTION_RSP):
+            self._announced = True
+
+    def _pdu_sent(self, event: evt.Event) -> None:
+        if self._announced and isinstance(event.pdu, P_DATA_TF):
+            self._answered.set()
+
+    def answered(self, timeout: float) -> bool:
+        """Whether the N-ACTION-RSP left within ``timeout`` seconds."""
+        try:
+            return self._answered.wait(timeout)
+        finally:
+            self.assoc.unbind(evt.EVT_DIMSE_SENT, self._dimse_sent)
+            self.assoc.unbind(evt.EVT_PDU_SENT, self._pdu_sent)
+
+
+# One report at a time on an association: pynetdicom matches a response to whoever
+# waits for one, not to the request it answers.
+_reporting_on = threading.Lock()
+
+
+def _report(ae: AE, request: _Request, deps: Deps) -> None:
+    committed, failed = commitment_result(request.items, deps)
+    event_type, info = report_dataset(request.transaction_uid, deps.settings.ae_title,
+                                      committed, failed)
+    extra = {"destination": request.requester, "committed": len(committed),
+             "failed": len(failed)}
+    answered = request.answered(deps.settings.dimse_timeout)
+    if request.peer is None:
+        if not (answered and request.assoc.is_established):
+            log.warning("storage commitment report not delivered: the requester left "
+                        "and is not in VNA_PEERS", extra=extra)
+            return
+        with _reporting_on:
+            _send(request.assoc, event_type, info, extra)
+        return
     # The SCP requests this association but keeps its role: SCP/SCU Role Selection.
-    assoc = ae.associate(peer[0], peer[1], ae_title=requester,
+    assoc = ae.associate(request.peer[0], request.peer[1], ae_title=request.requester,
                          contexts=[build_context(StorageCommitmentPushModel)],
                          ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
     if not assoc.is_established:
         log.warning("storage commitment report not delivered: no association", extra=extra)
         return
     try:
-        rsp, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
-                                           WELL_KNOWN_INSTANCE)
-        code = getattr(rsp, "Status", None)
-        if code == status.SUCCESS:
-            log.info("storage commitment reported", extra=extra)
-        else:
-            log.warning("storage commitment report not acknowledged",
-                        extra={**extra, "status": code})
+        _send(assoc, event_type, info, extra)
     finally:
         assoc.release()
+
+
+def _send(assoc: Association, event_type: int, info: Dataset, extra: dict[str, Any]) -> bool:
+    """Send the report on ``assoc``; True once the requester acknowledged it."""
+    try:
+        rsp, _ = assoc.send_n_event_report(info, event_type, StorageCommitmentPushModel,
+                                           WELL_KNOWN_INSTANCE)
+    except (RuntimeError, ValueError, OSError):  # released meanwhile, or no such context
+        return False
+    code = getattr(rsp, "Status", None)
+    if code == status.SUCCESS:
+        log.info("storage commitment reported", extra=extra)
+        return True
+    log.warning("storage commitment report not acknowledged",
+                extra={**extra, "status": code})
+    return False
 
 
 def _item(sop_class: str, sop_instance: str, reason: int | None = None) -> Dataset:

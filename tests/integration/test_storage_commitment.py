@@ -17,6 +17,7 @@ from tests.support.archive import Archive
 from tests.support.commitment import (
     HOST,
     CommitmentListener,
+    commit_on_own_association,
     commitment_request,
     referenced,
     request_commitment,
@@ -87,13 +88,17 @@ def test_unknown_and_mismatched_instances_fail_with_their_reasons(site: Site) ->
                       other.SOPInstanceUID: status.CLASS_INSTANCE_CONFLICT}
 
 
-def test_a_requester_the_archive_cannot_report_to_is_refused(site: Site) -> None:
-    stored = site.stored[0]
-    rsp = request_commitment(site.archive.port, commitment_request(generate_uid(), [
-        (stored.SOPClassUID, stored.SOPInstanceUID)]), ae_title="STRANGER")
-    assert rsp.Status == status.PROCESSING_FAILURE
-    assert "VNA_PEERS" in rsp.ErrorComment
-    assert site.modality.reports.empty()
+def test_a_requester_that_waits_gets_the_report_on_its_own_association(site: Site) -> None:
+    # Not in VNA_PEERS: the archive could not open an association to it, and need not.
+    transaction = generate_uid()
+    stored = site.stored[2]
+    rsp, (event_type, info) = commit_on_own_association(
+        site.archive.port, commitment_request(transaction, [
+            (stored.SOPClassUID, stored.SOPInstanceUID)]), ae_title="STRANGER")
+    assert rsp.Status == status.SUCCESS
+    assert (event_type, info.TransactionUID) == (1, transaction)
+    assert referenced(info.ReferencedSOPSequence) == {stored.SOPInstanceUID: stored.SOPClassUID}
+    assert site.modality.reports.empty()  # not sent twice
 
 
 @pytest.mark.parametrize(("info", "action_type", "instance", "code"), [

@@ -85,6 +85,29 @@ def request_commitment(port: int, info: Dataset, *, ae_title: str, called: str =
         assoc.release()
 
 
+def commit_on_own_association(port: int, info: Dataset, *, ae_title: str,
+                              called: str = "VNA", timeout: float = 30.0
+                              ) -> tuple[Dataset, tuple[int, Dataset]]:
+    """Send the N-ACTION and wait on the same association for the N-EVENT-REPORT, as
+    modalities that keep it open do; the response and (Event Type ID, information)."""
+    reports: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        reports.put((int(event.event_type or 0), event.event_information))
+        return status.SUCCESS, None
+
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(HOST, port, ae_title=called,
+                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    try:
+        rsp, _ = assoc.send_n_action(info, 1, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
+        return rsp, reports.get(timeout=timeout)
+    finally:
+        assoc.release()
+
+
 def referenced(seq: list[Dataset]) -> dict[str, str]:
     """{SOP Instance UID: SOP Class UID} of a report's Referenced SOP Sequence."""
     return {str(item.ReferencedSOPInstanceUID): str(item.ReferencedSOPClassUID)
