@@ -172,6 +172,14 @@ _reporting_on = threading.Lock()
 
 
 def _report(ae: AE, request: _Request, deps: Deps) -> None:
+    try:
+        _deliver(ae, request, deps)
+    except Exception:  # a report lost, not a thread dead without a word: say so
+        log.exception("storage commitment report failed",
+                      extra={"destination": request.requester})
+
+
+def _deliver(ae: AE, request: _Request, deps: Deps) -> None:
     committed, failed = commitment_result(request.items, deps)
     event_type, info = report_dataset(request.transaction_uid, deps.settings.ae_title,
                                       committed, failed)
