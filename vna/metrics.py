@@ -48,6 +48,13 @@ EXTENDED_BACKFILL_PENDING = Gauge(
 )
 EXTENDED_BACKFILLED = Counter("vna_extended_backfilled_instances_total",
                               "Instances read by the extended-attribute backfill")
+STORAGE_COMMITMENT = Counter("vna_storage_commitment_instances_total",
+                             "Instances Storage Commitment requests asked about, by "
+                             "result: 'committed' or 'failed'", ["result"])
+STORAGE_COMMITMENT_REPORTS = Counter("vna_storage_commitment_reports_total",
+                                     "Storage Commitment reports, by delivery: "
+                                     "'same_association', 'new_association' or "
+                                     "'undelivered'", ["delivery"])
 DIMSE_ASSOCIATIONS = Counter("vna_dimse_associations_total",
                              "DIMSE associations received, by the SCP that served them: "
                              "'lean' (storage only) or 'pynetdicom' (everything else)",

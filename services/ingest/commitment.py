@@ -28,6 +28,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
+from vna import metrics
 from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.dicom.uids import is_valid_uid
@@ -181,6 +182,8 @@ def _report(ae: AE, request: _Request, deps: Deps) -> None:
 
 def _deliver(ae: AE, request: _Request, deps: Deps) -> None:
     committed, failed = commitment_result(request.items, deps)
+    metrics.STORAGE_COMMITMENT.labels("committed").inc(len(committed))
+    metrics.STORAGE_COMMITMENT.labels("failed").inc(len(failed))
     event_type, info = report_dataset(request.transaction_uid, deps.settings.ae_title,
                                       committed, failed)
     extra = {"destination": request.requester, "committed": len(committed),
@@ -190,9 +193,12 @@ def _deliver(ae: AE, request: _Request, deps: Deps) -> None:
         if not (answered and request.assoc.is_established):
             log.warning("storage commitment report not delivered: the requester left "
                         "and is not in VNA_PEERS", extra=extra)
+            metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
             return
         with _reporting_on:
-            _send(request.assoc, event_type, info, extra)
+            sent = _send(request.assoc, event_type, info, extra)
+        metrics.STORAGE_COMMITMENT_REPORTS.labels(
+            "same_association" if sent else "undelivered").inc()
         return
     # The SCP requests this association but keeps its role: SCP/SCU Role Selection.
     assoc = ae.associate(request.peer[0], request.peer[1], ae_title=request.requester,
@@ -200,11 +206,14 @@ def _deliver(ae: AE, request: _Request, deps: Deps) -> None:
                          ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
     if not assoc.is_established:
         log.warning("storage commitment report not delivered: no association", extra=extra)
+        metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
         return
     try:
-        _send(assoc, event_type, info, extra)
+        sent = _send(assoc, event_type, info, extra)
     finally:
         assoc.release()
+    metrics.STORAGE_COMMITMENT_REPORTS.labels(
+        "new_association" if sent else "undelivered").inc()
 
 
 def _send(assoc: Association, event_type: int, info: Dataset, extra: dict[str, Any]) -> bool:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import REGISTRY
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -22,6 +23,7 @@ from tests.support.commitment import (
     referenced,
     request_commitment,
 )
+from tests.support.processes import wait_for
 from vna.dicom import status
 from vna.testing.synthetic import ct_instance
 
@@ -53,13 +55,25 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         yield Site(archive, modality, sent)
 
 
+def _counted(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 def test_stored_instances_are_committed(site: Site) -> None:
     transaction = generate_uid()
     items = [(ds.SOPClassUID, ds.SOPInstanceUID) for ds in site.stored]
+    committed = _counted("vna_storage_commitment_instances_total", result="committed")
+    delivered = _counted("vna_storage_commitment_reports_total", delivery="new_association")
     rsp = request_commitment(site.archive.port, commitment_request(transaction, items),
                              ae_title=MODALITY_AE)
     assert rsp.Status == status.SUCCESS
     event_type, info = site.modality.reports.get(timeout=30)
+    # Counted before the report is sent; its delivery once the modality acknowledged it.
+    assert _counted("vna_storage_commitment_instances_total", result="committed") \
+        == committed + 3
+    wait_for(lambda: _counted("vna_storage_commitment_reports_total",
+                              delivery="new_association") == delivered + 1,
+             10, 0.05, "the delivery counted")
     assert event_type == 1  # all committed
     assert info.TransactionUID == transaction
     assert referenced(info.ReferencedSOPSequence) == {i: c for c, i in items}
