@@ -58,17 +58,17 @@ def handle_commitment(event: evt.Event, *, deps: Deps, ae: AE) -> tuple[Dataset 
     """N-ACTION: check the request, answer it, and report on the instances after."""
     action = cast(N_ACTION, event.request)
     if str(action.RequestedSOPInstanceUID) != WELL_KNOWN_INSTANCE:
-        return _failure(status.NO_SUCH_OBJECT_INSTANCE,
+        return status.response(status.NO_SUCH_OBJECT_INSTANCE,
                         f"Requested SOP Instance UID must be {WELL_KNOWN_INSTANCE}"), None
     if action.ActionTypeID != REQUEST_STORAGE_COMMITMENT:
-        return _failure(status.NO_SUCH_ACTION,
+        return status.response(status.NO_SUCH_ACTION,
                         f"Action Type ID {action.ActionTypeID}: only 1 is defined"), None
     requester = str(event.assoc.requestor.ae_title).strip()
     try:
         info = event.action_information
         transaction_uid, items = _request_items(info)
     except (ValueError, AttributeError, TypeError, KeyError) as exc:
-        return _failure(status.INVALID_ATTRIBUTE_VALUE, str(exc)), None
+        return status.response(status.INVALID_ATTRIBUTE_VALUE, str(exc)), None
     request = _Request(event.assoc, requester, deps.settings.peer_table().get(requester),
                        transaction_uid, items)
     threading.Thread(target=_report, name="storage-commitment", daemon=True,
@@ -239,10 +239,3 @@ def _item(sop_class: str, sop_instance: str, reason: int | None = None) -> Datas
     if reason is not None:
         item.FailureReason = reason
     return item
-
-
-def _failure(code: int, comment: str) -> Dataset:
-    rsp = Dataset()
-    rsp.Status = code
-    rsp.ErrorComment = comment[:64]
-    return rsp

@@ -258,15 +258,15 @@ def handle_find(event: evt.Event, *, deps: Deps) -> Iterator[tuple[Any, Dataset 
                             extended=deps.extended)
         results = search(query, index=deps.index)
     except QueryError as exc:
-        yield _failure(_find_failure_code(exc), str(exc)), None
+        yield status.response(_find_failure_code(exc), str(exc)), None
         return
     except Unavailable:
         log.warning("C-FIND: index unavailable")
-        yield _failure(status.FIND_OUT_OF_RESOURCES, "index unavailable, retry later"), None
+        yield status.response(status.FIND_OUT_OF_RESOURCES, "index unavailable, retry later"), None
         return
     except Exception as exc:  # noqa: BLE001 - an undecodable identifier is the peer's error
         log.warning("C-FIND: cannot process identifier (%s)", type(exc).__name__)
-        yield _failure(status.UNABLE_TO_PROCESS, "identifier cannot be processed"), None
+        yield status.response(status.UNABLE_TO_PROCESS, "identifier cannot be processed"), None
         return
     requested = [elem for elem in identifier
                  if elem.keyword and elem.keyword not in ("QueryRetrieveLevel",
@@ -300,13 +300,6 @@ def _find_failure_code(exc: QueryError) -> int:
     # a bad value (date range, UID) is one the SCP cannot process.
     return (status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS if isinstance(exc, LevelError)
             else status.UNABLE_TO_PROCESS)
-
-
-def _failure(code: int, reason: str) -> Dataset:
-    rsp = Dataset()
-    rsp.Status = code
-    rsp.ErrorComment = status.error_comment(reason)
-    return rsp
 
 
 def _without_bulk_data(obj: dict[str, Any]) -> dict[str, Any]:
@@ -576,9 +569,10 @@ def refusal_contexts() -> list[PresentationContext]:
 
 def _retrieve_failure(exc: RetrieveRequestError | Unavailable) -> Dataset:
     if isinstance(exc, RetrieveRequestError):
-        return _failure(exc.code, exc.reason)
+        return status.response(exc.code, exc.reason)
     log.warning("retrieve: index unavailable")
-    return _failure(status.MOVE_OUT_OF_RESOURCES_SUBOPERATIONS, "index unavailable, retry later")
+    return status.response(status.MOVE_OUT_OF_RESOURCES_SUBOPERATIONS,
+                           "index unavailable, retry later")
 
 
 def handle_move(event: evt.Event, *, deps: Deps) -> Iterator[Any]:

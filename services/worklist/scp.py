@@ -68,7 +68,8 @@ def handle_mwl_find(event: evt.Event, *, store: WorklistStore
     try:
         identifier = event.identifier
     except Exception as exc:  # noqa: BLE001 - pynetdicom raises what the decoder raised
-        yield _status(status.UNABLE_TO_PROCESS, f"identifier could not be decoded: {exc}"), None
+        yield status.response(status.UNABLE_TO_PROCESS,
+                              f"identifier could not be decoded: {exc}"), None
         return
     try:
         for item in find_worklist_items(identifier, store=store):
@@ -77,10 +78,10 @@ def handle_mwl_find(event: evt.Event, *, store: WorklistStore
                 return
             yield status.PENDING, item
     except QueryError as exc:
-        yield _status(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
+        yield status.response(status.IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, str(exc)), None
         return
     except Unavailable:
-        yield _status(status.FIND_OUT_OF_RESOURCES, "worklist unavailable, try again"), None
+        yield status.response(status.FIND_OUT_OF_RESOURCES, "worklist unavailable, try again"), None
         return
     yield status.SUCCESS, None
 
@@ -90,7 +91,7 @@ def handle_mpps_create(event: evt.Event, *, store: WorklistStore
     """N-CREATE of a Modality Performed Procedure Step."""
     req: Any = event.request
     if str(req.AffectedSOPClassUID) != ModalityPerformedProcedureStep:
-        return _status(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"), None
+        return status.response(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"), None
     uid = req.AffectedSOPInstanceUID
     result = create_mpps(event.attribute_list, sop_instance_uid=str(uid) if uid else None,
                          store=store, calling_ae=_calling_ae(event))
@@ -102,7 +103,7 @@ def handle_mpps_set(event: evt.Event, *, store: WorklistStore, index: Index | No
     """N-SET of a Modality Performed Procedure Step."""
     req: Any = event.request
     if str(req.RequestedSOPClassUID) != ModalityPerformedProcedureStep:
-        return _status(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"), None
+        return status.response(SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"), None
     result = set_mpps(event.modification_list,
                       sop_instance_uid=str(req.RequestedSOPInstanceUID),
                       store=store, index=index, calling_ae=_calling_ae(event))
@@ -113,19 +114,13 @@ def _calling_ae(event: evt.Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-def _status(code: int, comment: str) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    ds.ErrorComment = status.error_comment(comment)
-    return ds
-
 
 def _answer(result: MppsResult, created_without_uid: bool = False
             ) -> tuple[int | Dataset, Dataset | None]:
     if result.status != status.SUCCESS:
         if result.comment:
             log.info("MPPS request refused: 0x%04X %s", result.status, result.comment)
-        return _status(result.status, result.comment), None
+        return status.response(result.status, result.comment), None
     attributes = result.attributes
     if created_without_uid and attributes is not None:
         # pynetdicom reads the UID it generated for the response from here.

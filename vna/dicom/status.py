@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydicom.dataset import Dataset
+
 SUCCESS = 0x0000
 CANCEL = 0xFE00
 PENDING = 0xFF00
@@ -48,3 +50,11 @@ ERROR_COMMENT_MAX = 64
 def error_comment(text: str) -> str:
     """Fit a reason into an Error Comment (0000,0902) LO value."""
     return text if len(text) <= ERROR_COMMENT_MAX else text[: ERROR_COMMENT_MAX - 3] + "..."
+
+
+def response(code: int, comment: str) -> Dataset:
+    """A response status with its reason in the Error Comment (a handler's return)."""
+    rsp = Dataset()
+    rsp.Status = code
+    rsp.ErrorComment = error_comment(comment)
+    return rsp
