@@ -19,6 +19,7 @@ import pstats
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -328,6 +329,7 @@ class Measurement:
     indexed_seconds: float | None = None
     cpu_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    round: int = 0
 
     @property
     def per_second(self) -> float:
@@ -570,38 +572,58 @@ def fmt_row(cells: list[str], widths: list[int]) -> str:
 
 
 def print_table(results: list[Measurement], files: int, megabytes: float) -> None:
-    orthanc = {m.associations: m.per_second for m in results if m.target == "Orthanc"}
+    """One row per target and association count: the round with the median inst/s,
+    and its ratio to Orthanc as the median of the rounds' ratios (each round's VNA
+    against that round's Orthanc), with their range."""
+    rounds = max(m.round for m in results) + 1
+    orthanc = {(m.round, m.associations): m.per_second for m in results
+               if m.target == "Orthanc"}
     header = ["target", "assoc", "inst/s", "MB/s", "seconds", "CPU ms/inst", "peak RSS MiB",
               "kept", "stored->indexed s", "vs Orthanc"]
     rows = []
+    groups: dict[tuple[str, int], list[Measurement]] = {}
     for m in results:
-        ref = orthanc.get(m.associations)
+        groups.setdefault((m.target, m.associations), []).append(m)
+    for (target, associations), ms in sorted(groups.items(), key=lambda g: g[0][1]):
+        m = sorted(ms, key=lambda x: x.per_second)[(len(ms) - 1) // 2]
+        ratios = [x.per_second / orthanc[x.round, associations] for x in ms
+                  if orthanc.get((x.round, associations)) and target != "Orthanc"]
+        ratio = "-"
+        if ratios:
+            ratio = f"{statistics.median(ratios):.2f}"
+            if len(ratios) > 1:
+                ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
         rows.append([m.target, str(m.associations), f"{m.per_second:.0f}",
                      f"{m.mb_per_second:.1f}", f"{m.seconds:.2f}",
                      f"{m.cpu_seconds * 1000 / m.count:.2f}", f"{m.rss_mib:.0f}",
                      "-" if m.received is None else str(m.received),
                      "-" if m.indexed_seconds is None else f"{m.indexed_seconds:.2f}",
-                     f"{m.per_second / ref:.2f}" if ref and m.target != "Orthanc" else "-"])
+                     ratio])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     print()
     print(f"Ingest with dcmtk storescu (TCP_NODELAY=1): {files} CT instances, "
-          f"{megabytes:.0f} MB, {os.cpu_count()} CPUs")
+          f"{megabytes:.0f} MB, {os.cpu_count()} CPUs, {rounds} round(s)")
     print(fmt_row(header, widths))
     print(fmt_row(["-" * w for w in widths], widths))
     for row in rows:
         print(fmt_row(row, widths))
     for m in results:
         for note in m.notes:
-            print(f"  note: {m.target}, {m.associations} assoc: {note}")
+            print(f"  note: {m.target}, {m.associations} assoc, round {m.round + 1}: {note}")
     print("inst/s and MB/s: first storescu start to last storescu exit (what the sender "
           "sees).\nstored->indexed: from then until every instance is queryable "
           "(VNA indexes after it answers).\nCPU ms/inst: user and system CPU of the "
           "server's process tree while sending and indexing, per instance (vna up: without\n"
           "PostgreSQL, RabbitMQ and Redis). peak RSS: sum of VmHWM over the server's "
           "process tree.")
+    if rounds > 1:
+        print("Each round measures every target once, in turn, on a fresh server; a row "
+              "shows the round with the median inst/s.\nvs Orthanc: the median of the "
+              "rounds' ratios (range in brackets): on a shared machine one round's ratio\n"
+              "can swing by a fifth.")
 
 
-def run_benchmark(count: int, vna_env: dict[str, str], only: set[str]) -> int:
+def run_benchmark(count: int, vna_env: dict[str, str], only: set[str], rounds: int = 1) -> int:
     files = generate(count)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     study_uid = study_uid_of(files[0])
@@ -615,12 +637,15 @@ def run_benchmark(count: int, vna_env: dict[str, str], only: set[str]) -> int:
     targets.append(("storescp", StorescpServer))
     targets = [t for t in targets if not only or t[0] in only]
     results: list[Measurement] = []
-    for parallel in (1, PARALLEL):
-        for label, make in targets:
-            print(f"measuring {label}, {parallel} association(s) ...", flush=True)
-            results.append(measure(make, files, parallel, study_uid, megabytes))
-            m = results[-1]
-            print(f"  {m.per_second:.0f} inst/s, {m.mb_per_second:.1f} MB/s", flush=True)
+    for round_ in range(rounds):
+        for parallel in (1, PARALLEL):
+            for label, make in targets:
+                print(f"round {round_ + 1}/{rounds}: measuring {label}, {parallel} "
+                      "association(s) ...", flush=True)
+                m = measure(make, files, parallel, study_uid, megabytes)
+                m.round = round_
+                results.append(m)
+                print(f"  {m.per_second:.0f} inst/s, {m.mb_per_second:.1f} MB/s", flush=True)
     print_table(results, count, megabytes)
     return 0
 
@@ -675,7 +700,11 @@ def cleanup_on_signals() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=1000, help="instances (default 1000)")
-    parser.add_argument("--quick", action="store_true", help="a small run: 40 instances")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small run: 40 instances, one round")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each target is measured, in turn (default 3): the "
+                             "table shows medians")
     parser.add_argument("--profile", type=int, metavar="N", default=0,
                         help="profile vna run for N instances over one association instead")
     parser.add_argument("--vna-env", action="append", default=[], metavar="VNA_X=VALUE",
@@ -695,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.profile:
                 return run_profile(args.profile, vna_env)
-            return run_benchmark(count, vna_env, set(args.only))
+            return run_benchmark(count, vna_env, set(args.only),
+                                 1 if args.quick else max(1, args.rounds))
         except KeyboardInterrupt:
             print("\ninterrupted: servers stopped", file=sys.stderr)
             return 130
