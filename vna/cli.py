@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from vna.bootstrap import Deps, build
 from vna.config import Settings
 from vna.events import Event
@@ -606,7 +608,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restart", action="store_true",
                         help="backfill: start again from the first instance")
     args = parser.parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a setting's name and why, not a traceback
+        for error in exc.errors():
+            name = "VNA_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"vna: {name}={error.get('input')!r}: "
+                  f"{error['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        return 2
     configure(settings.log_level, settings.log_format)
     if args.command == "backfill":
         return cmd_backfill(settings, restart=args.restart)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     """Maximum PDU length we accept; 0 means unlimited."""
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    commitment_retry_seconds: str = "10,60,300,1800"
+    """After a Storage Commitment report could not be delivered on a new association
+    (a requester in ``VNA_PEERS`` not listening, or not acknowledging it), wait this
+    long before each further attempt: '10,60,300,1800' tries four more times, over
+    about 36 minutes; '' never retries."""
     qido_max_results: int = 1000
     """QIDO-RS answers at most this many matches; more get a 299 Warning (PS3.18 8.3.4.4)."""
     viewer_dir: Path = Path("./viewer/dist")
@@ -78,6 +83,16 @@ class Settings(BaseSettings):
     # Conflict policies (design invariant 5): 'reject' is the only safe default.
     on_sop_conflict: str = "reject"
     on_patient_conflict: str = "reject"
+
+    @field_validator("commitment_retry_seconds")
+    @classmethod
+    def _retry_delays_valid(cls, value: str) -> str:
+        _delays(value)
+        return value
+
+    def commitment_retry_delays(self) -> list[float]:
+        """``VNA_COMMITMENT_RETRY_SECONDS`` as seconds, one per retry."""
+        return _delays(self.commitment_retry_seconds)
 
     def blob_url(self) -> str:
         return self.storage_url or (self.data_dir.resolve() / "blobs").as_uri()
@@ -97,3 +112,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"VNA_PEERS entry {item!r} is not AE@host:port")
             table[ae.strip()] = (host, int(port))
         return table
+
+
+def _delays(value: str) -> list[float]:
+    """Comma-separated seconds, each 0 to a day; ValueError saying which is not."""
+    delays: list[float] = []
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        try:
+            seconds = float(item)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds <= 86_400:
+            raise ValueError(f"{item!r} is not a number of seconds (0 to 86400)")
+        delays.append(seconds)
+    return delays

@@ -55,6 +55,9 @@ STORAGE_COMMITMENT_REPORTS = Counter("vna_storage_commitment_reports_total",
                                      "Storage Commitment reports, by delivery: "
                                      "'same_association', 'new_association' or "
                                      "'undelivered'", ["delivery"])
+STORAGE_COMMITMENT_RETRIES = Counter("vna_storage_commitment_retries_total",
+                                     "Storage Commitment reports not delivered on a new "
+                                     "association at one attempt, to be tried again")
 DIMSE_ASSOCIATIONS = Counter("vna_dimse_associations_total",
                              "DIMSE associations received, by the SCP that served them: "
                              "'lean' (storage only) or 'pynetdicom' (everything else)",

@@ -4,9 +4,13 @@ archive has safely stored a list of instances before it deletes its own copies.
 The N-ACTION is answered at once; the commitment result follows in an N-EVENT-REPORT
 (PS3.4 J.3.3 allows either association). To a requester named by its AE title in
 ``VNA_PEERS``, on a new association, as Orthanc sends it: whoever configured it there
-said where it listens. To any other, on its own association, which it keeps open
-for the report (as dcm4chee sends it while the association lasts); one that left
-gets no report (logged), and asks again or is added to ``VNA_PEERS``.
+said where it listens; a report it did not take (not listening, or not
+acknowledging) is tried again after each of ``VNA_COMMITMENT_RETRY_SECONDS``, as
+dcm4chee retries its own. To any other, on its own association, which it keeps
+open for the report (as dcm4chee sends it while the association lasts); one that
+left gets no report (logged), and asks again or is added to ``VNA_PEERS``.
+Retries wait in memory: a report still pending when the process stops is lost
+(logged when it was first missed), and the modality asks again.
 
 An instance is committed when the index holds its claim, with the same SOP Class,
 and the blob store holds its blob: the store path records a claim only after the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -200,20 +205,40 @@ def _deliver(ae: AE, request: _Request, deps: Deps) -> None:
         metrics.STORAGE_COMMITMENT_REPORTS.labels(
             "same_association" if sent else "undelivered").inc()
         return
-    # The SCP requests this association but keeps its role: SCP/SCU Role Selection.
-    assoc = ae.associate(request.peer[0], request.peer[1], ae_title=request.requester,
-                         contexts=[build_context(StorageCommitmentPushModel)],
-                         ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
-    if not assoc.is_established:
-        log.warning("storage commitment report not delivered: no association", extra=extra)
-        metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
-        return
+    delays = deps.settings.commitment_retry_delays()
+    for attempt, delay in enumerate([*delays, None], start=1):
+        if _report_to_peer(ae, request.peer, request.requester, event_type, info, extra):
+            metrics.STORAGE_COMMITMENT_REPORTS.labels("new_association").inc()
+            return
+        if delay is None:
+            break
+        metrics.STORAGE_COMMITMENT_RETRIES.inc()
+        log.warning("storage commitment report not delivered; trying again",
+                    extra={**extra, "attempt": attempt, "retry_in_seconds": delay})
+        time.sleep(delay)
+    log.error("storage commitment report not delivered, attempts exhausted",
+              extra={**extra, "attempts": len(delays) + 1})
+    metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
+
+
+def _report_to_peer(ae: AE, peer: tuple[str, int], requester: str, event_type: int,
+                    info: Dataset, extra: dict[str, Any]) -> bool:
+    """One attempt on a new association to the requester; True once it acknowledged."""
     try:
-        sent = _send(assoc, event_type, info, extra)
+        # The SCP requests this association but keeps its role: SCP/SCU Role Selection.
+        assoc = ae.associate(peer[0], peer[1], ae_title=requester,
+                             contexts=[build_context(StorageCommitmentPushModel)],
+                             ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.warning("storage commitment report: no association (%s)", exc, extra=extra)
+        return False
+    if not assoc.is_established:
+        log.warning("storage commitment report: no association", extra=extra)
+        return False
+    try:
+        return _send(assoc, event_type, info, extra)
     finally:
         assoc.release()
-    metrics.STORAGE_COMMITMENT_REPORTS.labels(
-        "new_association" if sent else "undelivered").inc()
 
 
 def _send(assoc: Association, event_type: int, info: Dataset, extra: dict[str, Any]) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
@@ -44,15 +45,20 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("commitment")
     with CommitmentListener(MODALITY_AE) as modality, \
             Archive(tmp / "data", peers=modality.peer) as archive:
-        sent = [ct_instance(rows=16, columns=16) for _ in range(3)]
-        ae = AE(ae_title=MODALITY_AE)
-        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-        assoc = ae.associate(HOST, archive.port, ae_title=archive.ae_title)
-        try:
-            assert [assoc.send_c_store(ds).Status for ds in sent] == [status.SUCCESS] * 3
-        finally:
-            assoc.release()
-        yield Site(archive, modality, sent)
+        yield Site(archive, modality, _store(archive, MODALITY_AE, 3))
+
+
+def _store(archive: Archive, ae_title: str, count: int) -> list[Dataset]:
+    """``count`` CT instances, stored by the modality ``ae_title``."""
+    sent = [ct_instance(rows=16, columns=16) for _ in range(count)]
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(HOST, archive.port, ae_title=archive.ae_title)
+    try:
+        assert [assoc.send_c_store(ds).Status for ds in sent] == [status.SUCCESS] * count
+    finally:
+        assoc.release()
+    return sent
 
 
 def _counted(name: str, **labels: str) -> float:
@@ -131,3 +137,45 @@ def test_malformed_requests_are_refused_and_nothing_is_reported(
     assert rsp.Status == code
     assert rsp.ErrorComment
     assert site.modality.reports.empty()
+
+
+def test_a_report_the_requester_missed_is_tried_again(tmp_path: Path) -> None:
+    modality = CommitmentListener("MR_SCANNER")  # not listening yet: its port refuses
+    # Forty tries a quarter of a second apart: time enough to start listening after
+    # the first was missed.
+    with Archive(tmp_path / "data", peers=modality.peer,
+                 commitment_retry_seconds=",".join(["0.25"] * 40)) as archive:
+        stored = _store(archive, modality.ae_title, 1)[0]
+        retries = _counted("vna_storage_commitment_retries_total")
+        delivered = _counted("vna_storage_commitment_reports_total", delivery="new_association")
+        transaction = generate_uid()
+        assert request_commitment(archive.port, commitment_request(transaction, [
+            (stored.SOPClassUID, stored.SOPInstanceUID)]),
+            ae_title=modality.ae_title).Status == status.SUCCESS
+        wait_for(lambda: _counted("vna_storage_commitment_retries_total") > retries,
+                 30, 0.05, "a report missed")
+        with modality:
+            event_type, info = modality.reports.get(timeout=30)
+        assert (event_type, info.TransactionUID) == (1, transaction)
+        assert referenced(info.ReferencedSOPSequence) == {
+            stored.SOPInstanceUID: stored.SOPClassUID}
+        wait_for(lambda: _counted("vna_storage_commitment_reports_total",
+                                  delivery="new_association") == delivered + 1,
+                 10, 0.05, "the delivery counted")
+
+
+def test_a_report_never_taken_is_given_up_after_its_retries(tmp_path: Path) -> None:
+    modality = CommitmentListener("US_SCANNER")  # never listens
+    with Archive(tmp_path / "data", peers=modality.peer,
+                 commitment_retry_seconds="0,0") as archive:
+        stored = _store(archive, modality.ae_title, 1)[0]
+        retries = _counted("vna_storage_commitment_retries_total")
+        undelivered = _counted("vna_storage_commitment_reports_total", delivery="undelivered")
+        assert request_commitment(archive.port, commitment_request(generate_uid(), [
+            (stored.SOPClassUID, stored.SOPInstanceUID)]),
+            ae_title=modality.ae_title).Status == status.SUCCESS
+        wait_for(lambda: _counted("vna_storage_commitment_reports_total",
+                                  delivery="undelivered") == undelivered + 1,
+                 30, 0.05, "the report given up")
+        # The first attempt and one retry for each of the two delays.
+        assert _counted("vna_storage_commitment_retries_total") == retries + 2
