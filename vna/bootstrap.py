@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Deps:
     extended: ExtendedAttributes = NO_EXTENDED
     """The extended query attributes (``VNA_EXTRA_QUERY_ATTRIBUTES``)."""
     _staging: Path | None = field(default=None, init=False, repr=False)
+    _closers: list[Callable[[], None]] = field(default_factory=list, init=False, repr=False)
 
     def staging_dir(self) -> Path:
         """Where C-STORE and STOW-RS frame incoming data sets: beside the blobs when
@@ -37,7 +39,14 @@ class Deps:
             self._staging = path
         return self._staging
 
+    def on_close(self, stop: Callable[[], None]) -> None:
+        """Run ``stop`` (a background thread's) first when these are closed."""
+        self._closers.append(stop)
+
     def close(self) -> None:
+        for stop in reversed(self._closers):
+            stop()
+        self._closers.clear()
         self.bus.stop()
         self.index.close()
 

@@ -57,6 +57,21 @@ class InstanceClaim(Frozen):
     size: int
 
 
+class PendingCommitment(Frozen):
+    """A Storage Commitment request whose report is owed to a requester in
+    ``VNA_PEERS``: kept in the index until the report is delivered or given up, so
+    that a restart does not lose it."""
+
+    request_id: str
+    requester: str
+    """The requester's AE title (its address: ``VNA_PEERS``)."""
+    transaction_uid: str
+    items: list[tuple[str, str]]
+    """(Referenced SOP Class UID, Referenced SOP Instance UID) as asked."""
+    attempts: int = 0
+    """Deliveries tried and failed so far."""
+
+
 class StoredInstance(Frozen):
     """An instance as the index knows it."""
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, runtime_checkable
 from vna.dicom.extended import ExtraValue
 from vna.dicom.matching import Level, Query
 from vna.events import Event, InstanceStored
-from vna.model import BlobKey, InstanceClaim, StoredInstance
+from vna.model import BlobKey, InstanceClaim, PendingCommitment, StoredInstance
 from vna.model import IndexRecord as IndexRecord  # re-exported: adapters import it from here
 
 if TYPE_CHECKING:
@@ -143,6 +143,28 @@ class Index(Protocol):
     def verify_audit(self) -> bool: ...
 
     def audit_records(self, action: str | None = None) -> list[dict[str, Any]]: ...
+
+    # ---- Storage Commitment reports owed to requesters in VNA_PEERS
+    def owe_commitment(self, pending: PendingCommitment, *, hold_seconds: float) -> None:
+        """Keep ``pending`` durably until ``settle_commitment``. It is due at once, and
+        held by the caller for ``hold_seconds``: no one else takes it meanwhile."""
+        ...
+
+    def take_due_commitments(self, *, hold_seconds: float, all_pending: bool = False,
+                             limit: int = 20) -> list[PendingCommitment]:
+        """Up to ``limit`` commitments held by nobody and due (with ``all_pending``,
+        due or not: a process starting takes over what a stopped one owed), now held
+        by the caller for ``hold_seconds``."""
+        ...
+
+    def retry_commitment(self, request_id: str, *, attempts: int, after_seconds: float
+                         ) -> None:
+        """Not delivered: due again in ``after_seconds``, no longer held."""
+        ...
+
+    def settle_commitment(self, request_id: str) -> None:
+        """Delivered, or given up: forgotten."""
+        ...
 
     # ---- outbox relay
     def relay_outbox(

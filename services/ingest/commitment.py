@@ -4,13 +4,15 @@ archive has safely stored a list of instances before it deletes its own copies.
 The N-ACTION is answered at once; the commitment result follows in an N-EVENT-REPORT
 (PS3.4 J.3.3 allows either association). To a requester named by its AE title in
 ``VNA_PEERS``, on a new association, as Orthanc sends it: whoever configured it there
-said where it listens; a report it did not take (not listening, or not
-acknowledging) is tried again after each of ``VNA_COMMITMENT_RETRY_SECONDS``, as
-dcm4chee retries its own. To any other, on its own association, which it keeps
-open for the report (as dcm4chee sends it while the association lasts); one that
-left gets no report (logged), and asks again or is added to ``VNA_PEERS``.
-Retries wait in memory: a report still pending when the process stops is lost
-(logged when it was first missed), and the modality asks again.
+said where it listens. Such a request is kept in the index (``PendingCommitment``)
+before the N-ACTION is answered, until its report is delivered: one the requester
+did not take (not listening, or not acknowledging) is tried again after each of
+``VNA_COMMITMENT_RETRY_SECONDS``, as dcm4chee retries its own, and one still owed
+when the archive stops is delivered by the next process to start (each process
+serving commitment takes over, at start, what nobody holds). To any other
+requester, on its own association, which it keeps open for the report (as
+dcm4chee sends it while the association lasts); one that left gets no report
+(logged), and asks again or is added to ``VNA_PEERS``.
 
 An instance is committed when the index holds its claim, with the same SOP Class,
 and the blob store holds its blob: the store path records a claim only after the
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+import uuid
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
@@ -37,6 +39,7 @@ from vna import metrics
 from vna.bootstrap import Deps
 from vna.dicom import status
 from vna.dicom.uids import is_valid_uid
+from vna.model import PendingCommitment
 from vna.ports import Unavailable
 
 log = logging.getLogger("vna.ingest.commitment")
@@ -52,11 +55,15 @@ ALL_COMMITTED, SOME_FAILED = 1, 2
 
 
 def register_commitment(ae: AE, handlers: Handlers, deps: Deps) -> None:
-    """Accept Storage Commitment requests on ``ae``; reports go out from ``ae`` too."""
+    """Accept Storage Commitment requests on ``ae``; reports go out from ``ae`` too,
+    and the reports owed (retries, a stopped process's) from a thread of its own."""
     ae.add_supported_context(StorageCommitmentPushModel)
     ae.add_requested_context(StorageCommitmentPushModel)
     handlers.append((evt.EVT_N_ACTION, lambda event: handle_commitment(
         event, deps=deps, ae=ae)))
+    reporter = _Reporter(ae, deps)
+    reporter.start()
+    deps.on_close(reporter.stop)
 
 
 def handle_commitment(event: evt.Event, *, deps: Deps, ae: AE) -> tuple[Dataset | int, None]:
@@ -74,10 +81,22 @@ def handle_commitment(event: evt.Event, *, deps: Deps, ae: AE) -> tuple[Dataset 
         transaction_uid, items = _request_items(info)
     except (ValueError, AttributeError, TypeError, KeyError) as exc:
         return status.response(status.INVALID_ATTRIBUTE_VALUE, str(exc)), None
-    request = _Request(event.assoc, requester, deps.settings.peer_table().get(requester),
-                       transaction_uid, items)
+    peer = deps.settings.peer_table().get(requester)
+    pending: PendingCommitment | None = None
+    if peer is not None:
+        # Recorded before the answer: a report owed is never only in memory.
+        pending = PendingCommitment(request_id=str(uuid.uuid4()), requester=requester,
+                                    transaction_uid=transaction_uid, items=items)
+        try:
+            deps.index.owe_commitment(pending, hold_seconds=_hold_seconds(deps))
+        except Unavailable as exc:
+            log.error("storage commitment request not recorded: %s", exc,
+                      extra={"source_ae": requester})
+            return status.response(status.PROCESSING_FAILURE,
+                                   "the request could not be recorded; ask again"), None
+    request = _Request(event.assoc, requester, peer, transaction_uid, items)
     threading.Thread(target=_report, name="storage-commitment", daemon=True,
-                     args=(ae, request, deps)).start()
+                     args=(ae, request, deps, pending)).start()
     log.info("storage commitment requested",
              extra={"source_ae": requester, "instances": len(items)})
     return status.SUCCESS, None
@@ -177,48 +196,123 @@ class _Request:
 _reporting_on = threading.Lock()
 
 
-def _report(ae: AE, request: _Request, deps: Deps) -> None:
+def _report(ae: AE, request: _Request, deps: Deps, pending: PendingCommitment | None
+            ) -> None:
     try:
-        _deliver(ae, request, deps)
-    except Exception:  # a report lost, not a thread dead without a word: say so
+        _deliver(ae, request, deps, pending)
+    except Exception:  # not a thread dead without a word: say so
         log.exception("storage commitment report failed",
                       extra={"destination": request.requester})
 
 
-def _deliver(ae: AE, request: _Request, deps: Deps) -> None:
-    committed, failed = commitment_result(request.items, deps)
-    metrics.STORAGE_COMMITMENT.labels("committed").inc(len(committed))
-    metrics.STORAGE_COMMITMENT.labels("failed").inc(len(failed))
+def _deliver(ae: AE, request: _Request, deps: Deps, pending: PendingCommitment | None
+             ) -> None:
+    answered = request.answered(deps.settings.dimse_timeout)
+    if pending is not None:  # to VNA_PEERS, on a new association, once answered
+        _attempt(ae, deps, pending)
+        return
+    committed, failed = _counted(commitment_result(request.items, deps))
     event_type, info = report_dataset(request.transaction_uid, deps.settings.ae_title,
                                       committed, failed)
     extra = {"destination": request.requester, "committed": len(committed),
              "failed": len(failed)}
-    answered = request.answered(deps.settings.dimse_timeout)
-    if request.peer is None:
-        if not (answered and request.assoc.is_established):
-            log.warning("storage commitment report not delivered: the requester left "
-                        "and is not in VNA_PEERS", extra=extra)
-            metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
-            return
-        with _reporting_on:
-            sent = _send(request.assoc, event_type, info, extra)
-        metrics.STORAGE_COMMITMENT_REPORTS.labels(
-            "same_association" if sent else "undelivered").inc()
+    if not (answered and request.assoc.is_established):
+        log.warning("storage commitment report not delivered: the requester left "
+                    "and is not in VNA_PEERS", extra=extra)
+        metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
+        return
+    with _reporting_on:
+        sent = _send(request.assoc, event_type, info, extra)
+    metrics.STORAGE_COMMITMENT_REPORTS.labels(
+        "same_association" if sent else "undelivered").inc()
+
+
+def _counted(result: tuple[list[tuple[str, str]], list[tuple[str, str, int]]]
+             ) -> tuple[list[tuple[str, str]], list[tuple[str, str, int]]]:
+    """``result``, its instances counted in /metrics (once a request)."""
+    committed, failed = result
+    metrics.STORAGE_COMMITMENT.labels("committed").inc(len(committed))
+    metrics.STORAGE_COMMITMENT.labels("failed").inc(len(failed))
+    return committed, failed
+
+
+def _attempt(ae: AE, deps: Deps, pending: PendingCommitment) -> None:
+    """Report ``pending`` on a new association, as its instances stand now; then
+    forget it, or make it due again after the next of VNA_COMMITMENT_RETRY_SECONDS,
+    or, those spent (or the requester gone from VNA_PEERS), give it up."""
+    committed, failed = commitment_result(pending.items, deps)
+    if pending.attempts == 0:
+        _counted((committed, failed))
+    event_type, info = report_dataset(pending.transaction_uid, deps.settings.ae_title,
+                                      committed, failed)
+    extra = {"destination": pending.requester, "committed": len(committed),
+             "failed": len(failed)}
+    peer = deps.settings.peer_table().get(pending.requester)
+    if peer is not None and _report_to_peer(ae, peer, pending.requester, event_type, info,
+                                            extra):
+        metrics.STORAGE_COMMITMENT_REPORTS.labels("new_association").inc()
+        deps.index.settle_commitment(pending.request_id)
         return
     delays = deps.settings.commitment_retry_delays()
-    for attempt, delay in enumerate([*delays, None], start=1):
-        if _report_to_peer(ae, request.peer, request.requester, event_type, info, extra):
-            metrics.STORAGE_COMMITMENT_REPORTS.labels("new_association").inc()
-            return
-        if delay is None:
-            break
-        metrics.STORAGE_COMMITMENT_RETRIES.inc()
-        log.warning("storage commitment report not delivered; trying again",
-                    extra={**extra, "attempt": attempt, "retry_in_seconds": delay})
-        time.sleep(delay)
-    log.error("storage commitment report not delivered, attempts exhausted",
-              extra={**extra, "attempts": len(delays) + 1})
-    metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
+    attempts = pending.attempts + 1
+    if peer is None or attempts > len(delays):
+        log.error("storage commitment report not delivered, given up",
+                  extra={**extra, "attempts": attempts})
+        metrics.STORAGE_COMMITMENT_REPORTS.labels("undelivered").inc()
+        deps.index.settle_commitment(pending.request_id)
+        return
+    metrics.STORAGE_COMMITMENT_RETRIES.inc()
+    log.warning("storage commitment report not delivered; trying again",
+                extra={**extra, "attempt": attempts, "retry_in_seconds": delays[attempts - 1]})
+    deps.index.retry_commitment(pending.request_id, attempts=attempts,
+                                after_seconds=delays[attempts - 1])
+
+
+def _hold_seconds(deps: Deps) -> float:
+    """How long a process holds a report it is delivering: past any one attempt
+    (an association, then the report and its answer), so that no other process
+    takes it meanwhile; if the process dies, another takes it when this passes."""
+    return 2 * (deps.settings.network_timeout + deps.settings.dimse_timeout)
+
+
+class _Reporter:
+    """Delivers the reports owed when they fall due (the retries), and, first, every
+    one owed that nobody holds: what a process that stopped left undelivered."""
+
+    def __init__(self, ae: AE, deps: Deps) -> None:
+        self.ae = ae
+        self.deps = deps
+        delays = deps.settings.commitment_retry_delays()
+        # Polled at the shortest retry's pace (5 s at most): a read, while none is due.
+        self.poll = max(0.05, min([5.0, *delays]))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="storage-commitment-reports",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        all_pending = True
+        while not self._stop.is_set():
+            try:
+                for pending in self.deps.index.take_due_commitments(
+                        hold_seconds=_hold_seconds(self.deps), all_pending=all_pending):
+                    if self._stop.is_set():
+                        break  # held a while, then another process's (or ours next start)
+                    _attempt(self.ae, self.deps, pending)
+                all_pending = False
+            except Unavailable as exc:
+                log.warning("storage commitment reports wait for the index: %s", exc)
+            except Exception:
+                log.exception("storage commitment reports failed")
+            self._stop.wait(self.poll)
 
 
 def _report_to_peer(ae: AE, peer: tuple[str, int], requester: str, event_type: int,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from vna.adapters.index.sqlalchemy import SqlIndex
 from vna.dicom.header import extract_record
 from vna.dicom.matching import Level, build_query
 from vna.events import InstanceIndexed, InstanceStored, decode_event
-from vna.model import BlobKey, InstanceClaim
+from vna.model import BlobKey, InstanceClaim, PendingCommitment
 from vna.ports import ClaimOutcome, ConflictError, ConflictKind, IndexRecord, Unavailable
 from vna.testing.synthetic import ct_instance
 
@@ -406,3 +407,45 @@ def test_searches_of_one_form_run_with_their_own_values(index: SqlIndex) -> None
     assert [r["ModalitiesInStudy"] for r in rows] == [["CT"], ["MR"], ["US"]]
     assert [r["PatientID"] for r in index.search(
         build_query(Level.STUDY, {}, limit=1, offset=2))] == ["F3"]
+
+
+def _owed(requester: str = "CT_SCANNER") -> PendingCommitment:
+    return PendingCommitment(request_id=str(uuid.uuid4()), requester=requester,
+                             transaction_uid=generate_uid(),
+                             items=[("1.2.840.10008.5.1.4.1.1.2", generate_uid())])
+
+
+def test_a_commitment_owed_is_held_by_its_owner_then_due_to_whoever_takes_it(
+        index: SqlIndex) -> None:
+    owed = _owed()
+    index.owe_commitment(owed, hold_seconds=60)
+    # Held by the process that answered the request: nobody else takes it.
+    assert index.take_due_commitments(hold_seconds=60) == []
+    assert index.take_due_commitments(hold_seconds=60, all_pending=True) == []
+    index.retry_commitment(owed.request_id, attempts=1, after_seconds=0)
+    taken = index.take_due_commitments(hold_seconds=60)
+    assert taken == [owed.model_copy(update={"attempts": 1})]
+    # Taken: held by the taker now.
+    assert index.take_due_commitments(hold_seconds=60) == []
+    index.settle_commitment(owed.request_id)
+    index.retry_commitment(owed.request_id, attempts=2, after_seconds=0)  # gone: no effect
+    assert index.take_due_commitments(hold_seconds=60, all_pending=True) == []
+
+
+def test_a_commitment_not_yet_due_is_taken_by_a_process_starting(index: SqlIndex) -> None:
+    later, now = _owed("LATER"), _owed("NOW")
+    for owed in (later, now):
+        index.owe_commitment(owed, hold_seconds=60)
+    index.retry_commitment(later.request_id, attempts=1, after_seconds=3600)
+    index.retry_commitment(now.request_id, attempts=1, after_seconds=0)
+    assert [p.requester for p in index.take_due_commitments(hold_seconds=0)] == ["NOW"]
+    # A hold of 0 s has passed: a starting process takes everything nobody holds.
+    assert {p.requester for p in index.take_due_commitments(
+        hold_seconds=60, all_pending=True)} == {"LATER", "NOW"}
+
+
+def test_a_hold_lapses_when_its_holder_is_gone(index: SqlIndex) -> None:
+    owed = _owed()
+    index.owe_commitment(owed, hold_seconds=0)  # its holder died at once
+    assert [p.request_id for p in index.take_due_commitments(hold_seconds=60)] \
+        == [owed.request_id]

@@ -139,26 +139,36 @@ def test_malformed_requests_are_refused_and_nothing_is_reported(
     assert site.modality.reports.empty()
 
 
+def _ask_missed(archive: Archive, modality: CommitmentListener) -> tuple[Dataset, str]:
+    """Store one instance, ask for its commitment as ``modality`` (not listening), and
+    wait until the first delivery missed; the instance and the Transaction UID."""
+    stored = _store(archive, modality.ae_title, 1)[0]
+    retries = _counted("vna_storage_commitment_retries_total")
+    transaction = generate_uid()
+    assert request_commitment(archive.port, commitment_request(transaction, [
+        (stored.SOPClassUID, stored.SOPInstanceUID)]),
+        ae_title=modality.ae_title).Status == status.SUCCESS
+    wait_for(lambda: _counted("vna_storage_commitment_retries_total") > retries,
+             30, 0.05, "the first delivery missed")
+    return stored, transaction
+
+
+def _assert_reported(modality: CommitmentListener, stored: Dataset, transaction: str) -> None:
+    event_type, info = modality.reports.get(timeout=30)
+    assert (event_type, info.TransactionUID) == (1, transaction)
+    assert referenced(info.ReferencedSOPSequence) == {stored.SOPInstanceUID: stored.SOPClassUID}
+
+
 def test_a_report_the_requester_missed_is_tried_again(tmp_path: Path) -> None:
     modality = CommitmentListener("MR_SCANNER")  # not listening yet: its port refuses
     # Forty tries a quarter of a second apart: time enough to start listening after
     # the first was missed.
     with Archive(tmp_path / "data", peers=modality.peer,
                  commitment_retry_seconds=",".join(["0.25"] * 40)) as archive:
-        stored = _store(archive, modality.ae_title, 1)[0]
-        retries = _counted("vna_storage_commitment_retries_total")
         delivered = _counted("vna_storage_commitment_reports_total", delivery="new_association")
-        transaction = generate_uid()
-        assert request_commitment(archive.port, commitment_request(transaction, [
-            (stored.SOPClassUID, stored.SOPInstanceUID)]),
-            ae_title=modality.ae_title).Status == status.SUCCESS
-        wait_for(lambda: _counted("vna_storage_commitment_retries_total") > retries,
-                 30, 0.05, "a report missed")
+        stored, transaction = _ask_missed(archive, modality)
         with modality:
-            event_type, info = modality.reports.get(timeout=30)
-        assert (event_type, info.TransactionUID) == (1, transaction)
-        assert referenced(info.ReferencedSOPSequence) == {
-            stored.SOPInstanceUID: stored.SOPClassUID}
+            _assert_reported(modality, stored, transaction)
         wait_for(lambda: _counted("vna_storage_commitment_reports_total",
                                   delivery="new_association") == delivered + 1,
                  10, 0.05, "the delivery counted")
@@ -168,14 +178,23 @@ def test_a_report_never_taken_is_given_up_after_its_retries(tmp_path: Path) -> N
     modality = CommitmentListener("US_SCANNER")  # never listens
     with Archive(tmp_path / "data", peers=modality.peer,
                  commitment_retry_seconds="0,0") as archive:
-        stored = _store(archive, modality.ae_title, 1)[0]
         retries = _counted("vna_storage_commitment_retries_total")
         undelivered = _counted("vna_storage_commitment_reports_total", delivery="undelivered")
-        assert request_commitment(archive.port, commitment_request(generate_uid(), [
-            (stored.SOPClassUID, stored.SOPInstanceUID)]),
-            ae_title=modality.ae_title).Status == status.SUCCESS
+        _ask_missed(archive, modality)
         wait_for(lambda: _counted("vna_storage_commitment_reports_total",
                                   delivery="undelivered") == undelivered + 1,
                  30, 0.05, "the report given up")
         # The first attempt and one retry for each of the two delays.
         assert _counted("vna_storage_commitment_retries_total") == retries + 2
+
+
+def test_a_report_owed_when_the_archive_stops_is_delivered_after_it_starts(
+        tmp_path: Path) -> None:
+    modality = CommitmentListener("XA_SCANNER")  # not listening while the archive runs
+    data = tmp_path / "data"
+    retry = "3600"  # its next try would be an hour away
+    with Archive(data, peers=modality.peer, commitment_retry_seconds=retry) as archive:
+        stored, transaction = _ask_missed(archive, modality)
+    # Started again on the same data, it delivers what was owed at once.
+    with modality, Archive(data, peers=modality.peer, commitment_retry_seconds=retry):
+        _assert_reported(modality, stored, transaction)

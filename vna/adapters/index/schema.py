@@ -144,6 +144,22 @@ audit = Table(
     Column("hash", String(64), nullable=False, default=""),
 )
 
+# Storage Commitment reports owed to requesters in VNA_PEERS (revision 0010): due
+# when ``due_at`` has passed; a process delivering one holds it until ``held_until``
+# (a process that died lets go when that passes).
+commitment_requests = Table(
+    "commitment_requests",
+    metadata,
+    Column("request_id", String(36), primary_key=True),
+    Column("requester", String(16), nullable=False),
+    Column("transaction_uid", String(64), nullable=False),
+    Column("items", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("held_until", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
 Index("ix_studies_study_date", studies.c.study_date)
 Index("ix_studies_accession", studies.c.accession_number)
 Index("ix_patients_name", patients.c.patient_name_norm)

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from sqlite3 import Error as _DriverError
 from typing import Any
@@ -27,6 +27,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     create_engine,
+    delete,
     distinct,
     event,
     exists,
@@ -35,6 +36,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -47,6 +49,7 @@ from vna.adapters.index.schema import (
     audit,
     claims,
     column_name,
+    commitment_requests,
     instances,
     outbox,
     patients,
@@ -62,7 +65,7 @@ from vna.dicom.header import sequence_items
 from vna.dicom.matching import ATTRIBUTES, SEQUENCES, Level, Match, Query, sequence_key
 from vna.events import Event, InstanceStored, encode_event
 from vna.journal import BlobJournal, JournalEntry
-from vna.model import BlobKey, InstanceClaim, InstanceRef, StoredInstance
+from vna.model import BlobKey, InstanceClaim, InstanceRef, PendingCommitment, StoredInstance
 from vna.ports import (
     BackfillState,
     ClaimOutcome,
@@ -538,6 +541,56 @@ class SqlIndex:
             return len(rows)
         except _SAError as exc:
             raise Unavailable(f"index database: {exc}") from exc
+
+    # ------------------------------------------------------------ commitment
+    def owe_commitment(self, pending: PendingCommitment, *, hold_seconds: float) -> None:
+        now = _now()
+        with self.write_transaction() as conn:
+            conn.execute(commitment_requests.insert().values(
+                request_id=pending.request_id, requester=pending.requester,
+                transaction_uid=pending.transaction_uid, items=json.dumps(pending.items),
+                attempts=pending.attempts, due_at=now,
+                held_until=now + timedelta(seconds=hold_seconds), created_at=now))
+
+    def take_due_commitments(self, *, hold_seconds: float, all_pending: bool = False,
+                             limit: int = 20) -> list[PendingCommitment]:
+        now = _now()
+        free = commitment_requests.c.held_until <= now
+        wanted = free if all_pending else and_(free, commitment_requests.c.due_at <= now)
+        with self.engine.connect() as conn:  # a read first: this is polled
+            if conn.execute(select(commitment_requests.c.request_id).where(wanted).limit(1)
+                            ).first() is None:
+                return []
+        with self.write_transaction() as conn:
+            stmt = (select(commitment_requests).where(wanted)
+                    .order_by(commitment_requests.c.due_at).limit(limit))
+            if self.dialect == "postgresql":
+                stmt = stmt.with_for_update(skip_locked=True)
+            rows = conn.execute(stmt).all()
+            if rows:
+                conn.execute(update(commitment_requests)
+                             .where(commitment_requests.c.request_id.in_(
+                                 [row.request_id for row in rows]))
+                             .values(held_until=now + timedelta(seconds=hold_seconds)))
+        return [PendingCommitment(
+            request_id=row.request_id, requester=row.requester,
+            transaction_uid=row.transaction_uid,
+            items=[(str(c), str(i)) for c, i in json.loads(row.items)],
+            attempts=row.attempts) for row in rows]
+
+    def retry_commitment(self, request_id: str, *, attempts: int, after_seconds: float
+                         ) -> None:
+        now = _now()
+        with self.write_transaction() as conn:
+            conn.execute(update(commitment_requests)
+                         .where(commitment_requests.c.request_id == request_id)
+                         .values(attempts=attempts, held_until=now,
+                                 due_at=now + timedelta(seconds=after_seconds)))
+
+    def settle_commitment(self, request_id: str) -> None:
+        with self.write_transaction() as conn:
+            conn.execute(delete(commitment_requests)
+                         .where(commitment_requests.c.request_id == request_id))
 
     def outbox_depth(self) -> int:
         with self.engine.connect() as conn:
