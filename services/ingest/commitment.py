@@ -94,7 +94,7 @@ def handle_commitment(event: evt.Event, *, deps: Deps, ae: AE) -> tuple[Dataset 
                       extra={"source_ae": requester})
             return status.response(status.PROCESSING_FAILURE,
                                    "the request could not be recorded; ask again"), None
-    request = _Request(event.assoc, requester, peer, transaction_uid, items)
+    request = _Request(event.assoc, requester, transaction_uid, items)
     threading.Thread(target=_report, name="storage-commitment", daemon=True,
                      args=(ae, request, deps, pending)).start()
     log.info("storage commitment requested",
@@ -162,11 +162,10 @@ class _Request:
     the first P-DATA sent after that announcement is the response (a command set
     alone, one PDU), which EVT_PDU_SENT reports once it is on the wire."""
 
-    def __init__(self, assoc: Association, requester: str, peer: tuple[str, int] | None,
+    def __init__(self, assoc: Association, requester: str,
                  transaction_uid: str, items: list[tuple[str, str]]) -> None:
         self.assoc = assoc
         self.requester = requester
-        self.peer = peer
         self.transaction_uid = transaction_uid
         self.items = items
         self._announced = False
