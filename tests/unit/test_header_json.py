@@ -131,6 +131,27 @@ def test_character_sets_and_values(tmp_path: Path) -> None:
     assert bulk == "/dicomweb/studies/1.2.3/series/1.2.3.4/instances/1.2.3.4.5/bulkdata/7FE00010"
 
 
+@pytest.mark.parametrize("instance_number", ["7", "123456789012345678901"],
+                         ids=["orjson", "beyond-64-bits"])
+def test_the_stored_json_keeps_text_as_utf_8_and_every_number(
+        tmp_path: Path, instance_number: str) -> None:
+    ds = ct_instance(rows=16, columns=16)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientName = "Müller^Jörg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns: an IS of 21 digits is invalid
+        ds.InstanceNumber = instance_number  # 21 digits: orjson refuses, json takes it
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "rb") as fp:
+        record = extract_record(read_dataset(fp), blob_key="k" * 64, size=1,
+                                transfer_syntax_uid="1.2.840.10008.1.2.1")
+    assert "Müller^Jörg" in record.metadata_json  # UTF-8 either way, no \u escapes
+    stored = json.loads(record.metadata_json)
+    assert stored["00200013"]["Value"] == [int(instance_number)]
+    assert stored["00100010"]["Value"] == [{"Alphabetic": "Müller^Jörg"}]
+
+
 @pytest.mark.parametrize("charset", ["ISO_IR 100", ["", "ISO 2022 IR 87"]])
 def test_empty_values_are_as_ps3_18_f_2_5_has_them(tmp_path: Path, charset: Any) -> None:
     # An empty attribute (an empty sequence too) has no "Value"; an empty value

