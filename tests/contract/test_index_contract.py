@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
 import uuid
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -449,3 +451,35 @@ def test_a_hold_lapses_when_its_holder_is_gone(index: SqlIndex) -> None:
     index.owe_commitment(owed, hold_seconds=0)  # its holder died at once
     assert [p.request_id for p in index.take_due_commitments(hold_seconds=60)] \
         == [owed.request_id]
+
+
+def test_an_instance_number_out_of_range_is_indexed_without_it(index: SqlIndex) -> None:
+    # IS is -2^31 to 2^31-1 (PS3.5 6.2); a modality's 3000000000 must not stop
+    # the indexing of the instance, nor of the others in its batch.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid IS
+        out_of_range = _record(instance_number=3_000_000_000)
+    fine = _record(instance_number=7)
+    assert index.upsert_instances([(out_of_range, None), (fine, None)]) == [True, True]
+    assert out_of_range.instance["InstanceNumber"] is None
+    assert json.loads(out_of_range.metadata_json)["00200013"]["Value"] == [3000000000]
+    found = index.search(build_query(Level.IMAGE, {"InstanceNumber": "7"}))
+    assert [row["SOPInstanceUID"] for row in found] == [fine.instance["SOPInstanceUID"]]
+
+
+def test_overlong_text_is_indexed_cut_and_kept_whole_in_the_metadata(
+        index: SqlIndex) -> None:
+    # An LO allows 64 characters; modalities send more. The index's columns hold
+    # 256: the value is cut there, not the instance's indexing stopped (PostgreSQL).
+    description = " ".join(["Thorax"] * 60)
+    ds = ct_instance()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the overlong LO
+        ds.StudyDescription = description
+    record = extract_record(ds, blob_key="b" * 64, size=100,
+                            transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+    assert index.upsert_instances([(record, None)]) == [True]
+    assert record.study["StudyDescription"] == description[:256]
+    assert json.loads(record.metadata_json)["00081030"]["Value"] == [description]
+    found = index.search(build_query(Level.STUDY, {"StudyDescription": "Thorax*"}))
+    assert [row["StudyInstanceUID"] for row in found] == [record.study["StudyInstanceUID"]]

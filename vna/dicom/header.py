@@ -24,6 +24,7 @@ from vna.dicom.matching import (
     ATTRIBUTES,
     ITEM_VALUE_LENGTH,
     SEQUENCES,
+    VALUE_LENGTH,
     Level,
     normalize_person_name,
     stored_time,
@@ -264,20 +265,26 @@ def _column_value(element: dict[str, Any] | None, vr: str) -> Any:
         if not values or len(values) != 1:
             return None  # absent, or several values where the column holds one
         try:
-            return int(values[0])
+            number = int(values[0])
         except (TypeError, ValueError):
             return None
+        # An IS out of its range (PS3.5 6.2: -2^31 to 2^31-1) would not fit the
+        # column (PostgreSQL's integer): the instance is indexed without it, its
+        # DICOM JSON keeps it, rather than its indexing failing with every
+        # instance of its batch.
+        return number if _INT_MIN <= number <= _INT_MAX else None
     if not values:
         return ""
     if vr == "PN":
         return "\\".join(
             "=".join(v.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")
                      if k in v) if isinstance(v, dict) else "" if v is None else str(v)
-            for v in values)
-    return "\\".join("" if v is None else str(v) for v in values)
+            for v in values)[:VALUE_LENGTH]
+    return "\\".join("" if v is None else str(v) for v in values)[:VALUE_LENGTH]
 
 
 _INT_VRS = {"IS", "US", "UL", "SL", "SS"}
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _TAGS = {keyword: f"{tag_for_keyword(keyword):08X}" for keyword in (
     *ATTRIBUTES, *SEQUENCES, *(key for s in SEQUENCES.values() for key in s.item_keys))}
 """The DICOM JSON key of every attribute the index keeps."""
@@ -305,7 +312,8 @@ def extract_record(
         for keyword in list(level_cols):
             vr = ATTRIBUTES[keyword].vr
             if vr == "PN":
-                level_cols[keyword + "_norm"] = normalize_person_name(level_cols[keyword] or "")
+                level_cols[keyword + "_norm"] = normalize_person_name(
+                    level_cols[keyword] or "")[:VALUE_LENGTH]  # "ß" folds to "ss"
             elif vr == "TM":
                 level_cols[keyword + "_norm"] = stored_time(level_cols[keyword] or "")
     return IndexRecord(

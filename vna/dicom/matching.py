@@ -111,6 +111,10 @@ class SequenceAttribute:
 ITEM_VALUE_LENGTH = 64
 """What the index keeps of an item key's value (SH allows 16); longer ones are cut."""
 
+VALUE_LENGTH = 256
+"""What the index keeps of an attribute's text (an LO allows 64, a PN's three groups
+194); longer ones, overlong or many values, are cut: the DICOM JSON keeps them."""
+
 SEQUENCES: dict[str, SequenceAttribute] = {
     # PS3.18 Tables 10.6.1-5 and 10.6.3-4: the series' Request Attribute Sequence.
     "RequestAttributesSequence": SequenceAttribute(

@@ -19,7 +19,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from vna.dicom.matching import ATTRIBUTES, Level
+from vna.dicom.matching import ATTRIBUTES, VALUE_LENGTH, Level
 
 metadata = MetaData()
 
@@ -41,9 +41,10 @@ def _attribute_columns(level: Level) -> list[Column[object]]:
         if attr.vr in ("IS", "US", "UL", "SL", "SS"):
             cols.append(Column(column_name(keyword), Integer, nullable=True))
         else:
-            cols.append(Column(column_name(keyword), String(256), nullable=False, default=""))
+            cols.append(Column(column_name(keyword), String(VALUE_LENGTH), nullable=False,
+                               default=""))
         if attr.vr in ("PN", "TM"):
-            cols.append(Column(column_name(keyword + "_norm"), String(256), nullable=False,
+            cols.append(Column(column_name(keyword + "_norm"), String(VALUE_LENGTH), nullable=False,
                                default=""))
     return cols
 
