@@ -43,10 +43,10 @@ def declare_indexer_queue(deps: Deps) -> None:
 
 def subscribe_indexer(deps: Deps) -> None:
     from vna.ports import BatchHandler
-    from vna.usecases.index import index_instances
+    from vna.usecases.index import index_isolating
 
     def handle(events: list[Event]) -> None:
-        index_instances(events, blobs=deps.blobs, index=deps.index,
+        index_isolating(events, blobs=deps.blobs, index=deps.index,
                         extended=deps.extended)
 
     # In batches: one index transaction (one commit) for what is waiting.

@@ -33,6 +33,9 @@ STORE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 INSTANCES_INDEXED = Counter("vna_instances_indexed_total", "Instances added to the index")
+INDEX_REFUSED = Counter("vna_index_refused_total",
+                        "Stored instances the index could not hold (a value its columns "
+                        "refuse): logged and audited; the blob is kept")
 INDEX_LAG = Gauge("vna_index_lag", "Stored instances not yet in the index",
                   multiprocess_mode="mostrecent")
 QUEUE_DEPTH = Gauge("vna_queue_depth", "Events waiting: outbox plus bus queues",

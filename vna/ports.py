@@ -26,6 +26,11 @@ class Unavailable(Exception):
     """A backend cannot be reached; the caller answers 'retry later'."""
 
 
+class RecordRefused(Exception):
+    """The index cannot hold a record it was given (a value its columns refuse).
+    Not transient, unlike ``Unavailable``: the same write fails the same way."""
+
+
 # --------------------------------------------------------------------------- blobs
 @runtime_checkable
 class BlobStore(Protocol):

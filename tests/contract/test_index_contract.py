@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 from pydicom.uid import generate_uid
 
 from tests.contract.wal_syncs import pooled_synchronous_settings, record_wal_syncs
+from vna.adapters.blob.memory import MemoryBlobStore
 from vna.adapters.index.sqlalchemy import SqlIndex
 from vna.dicom.header import extract_record
 from vna.dicom.matching import Level, build_query
@@ -23,6 +25,7 @@ from vna.events import InstanceIndexed, InstanceStored, decode_event
 from vna.model import BlobKey, InstanceClaim, PendingCommitment
 from vna.ports import ClaimOutcome, ConflictError, ConflictKind, IndexRecord, Unavailable
 from vna.testing.synthetic import ct_instance
+from vna.usecases.index import index_isolating
 
 
 def _claim(sop: str | None = None, study: str | None = None, patient: str = "P1",
@@ -467,19 +470,46 @@ def test_an_instance_number_out_of_range_is_indexed_without_it(index: SqlIndex) 
     assert [row["SOPInstanceUID"] for row in found] == [fine.instance["SOPInstanceUID"]]
 
 
-def test_overlong_text_is_indexed_cut_and_kept_whole_in_the_metadata(
-        index: SqlIndex) -> None:
-    # An LO allows 64 characters; modalities send more. The index's columns hold
-    # 256: the value is cut there, not the instance's indexing stopped (PostgreSQL).
-    description = " ".join(["Thorax"] * 60)
+@pytest.mark.parametrize(("description", "column"), [
+    # An LO allows 64 characters; modalities send more. The index's columns hold 256.
+    (" ".join(["Thorax"] * 60), " ".join(["Thorax"] * 60)[:256]),
+    # A damaged value with NUL inside: a PostgreSQL text column refuses NUL.
+    ("Thorax\0CT", "ThoraxCT"),
+], ids=["overlong", "nul"])
+def test_text_a_column_cannot_hold_is_indexed_cut_and_kept_whole_in_the_metadata(
+        index: SqlIndex, description: str, column: str) -> None:
+    # Cut, not the instance's indexing stopped (and every instance of its batch).
     ds = ct_instance()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the overlong LO
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid LO
         ds.StudyDescription = description
     record = extract_record(ds, blob_key="b" * 64, size=100,
                             transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
     assert index.upsert_instances([(record, None)]) == [True]
-    assert record.study["StudyDescription"] == description[:256]
+    assert record.study["StudyDescription"] == column
     assert json.loads(record.metadata_json)["00081030"]["Value"] == [description]
     found = index.search(build_query(Level.STUDY, {"StudyDescription": "Thorax*"}))
     assert [row["StudyInstanceUID"] for row in found] == [record.study["StudyInstanceUID"]]
+
+
+def _stored(record: IndexRecord) -> InstanceStored:
+    return InstanceStored(
+        sop_instance_uid=record.instance["SOPInstanceUID"],
+        sop_class_uid=record.instance["SOPClassUID"],
+        study_instance_uid=record.study["StudyInstanceUID"],
+        series_instance_uid=record.series["SeriesInstanceUID"],
+        transfer_syntax_uid=record.transfer_syntax_uid, blob_key=record.blob_key,
+        size=record.size, record=record)
+
+
+def test_a_record_the_index_refuses_does_not_hold_up_the_others(index: SqlIndex) -> None:
+    good, refused, other = (_record(instance_number=n) for n in (1, 2, 3))
+    refused.instance["InstanceNumber"] = 2**63  # fits neither SQLite's nor PostgreSQL's
+    counted = REGISTRY.get_sample_value("vna_index_refused_total") or 0.0
+    index_isolating([_stored(r) for r in (good, refused, other)],
+                    blobs=MemoryBlobStore(), index=index)
+    indexed = {row["SOPInstanceUID"] for row in index.search(build_query(Level.IMAGE, {}))}
+    assert indexed == {good.instance["SOPInstanceUID"], other.instance["SOPInstanceUID"]}
+    assert REGISTRY.get_sample_value("vna_index_refused_total") == counted + 1
+    [audit] = index.audit_records("index")
+    assert (audit["outcome"], audit["subject"]) == ("refused", refused.instance["SOPInstanceUID"])

@@ -279,8 +279,10 @@ def _column_value(element: dict[str, Any] | None, vr: str) -> Any:
         return "\\".join(
             "=".join(v.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")
                      if k in v) if isinstance(v, dict) else "" if v is None else str(v)
-            for v in values)[:VALUE_LENGTH]
-    return "\\".join("" if v is None else str(v) for v in values)[:VALUE_LENGTH]
+            for v in values).replace("\0", "")[:VALUE_LENGTH]
+    # NUL inside a value (a damaged one: padding is stripped already) is dropped: a
+    # PostgreSQL text column refuses it, and with it the indexer's whole batch.
+    return "\\".join("" if v is None else str(v) for v in values).replace("\0", "")[:VALUE_LENGTH]
 
 
 _INT_VRS = {"IS", "US", "UL", "SL", "SS"}

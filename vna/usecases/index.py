@@ -18,7 +18,7 @@ from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.header import extract_record, read_dataset
 from vna.events import Event, InstanceIndexed, InstanceStored
 from vna.model import BlobKey
-from vna.ports import BlobStore, Index, IndexRecord
+from vna.ports import BlobStore, Index, IndexRecord, RecordRefused
 
 log = logging.getLogger("vna.index")
 
@@ -27,6 +27,38 @@ def index_instance(event: Event, *, blobs: BlobStore, index: Index,
                    extended: ExtendedAttributes = NO_EXTENDED) -> bool:
     """Index the instance ``event`` announces. Redelivery adds nothing (True if added)."""
     return any(index_instances([event], blobs=blobs, index=index, extended=extended))
+
+
+def index_isolating(events: Sequence[Event], *, blobs: BlobStore, index: Index,
+                    extended: ExtendedAttributes = NO_EXTENDED) -> None:
+    """``index_instances``, and when the index refuses the batch, each instance
+    alone: one it cannot hold is logged, counted and audited, and does not hold up
+    the others (retried, the batch would fail again and again, and every instance
+    in it, or behind it in the outbox, would wait for ever)."""
+    try:
+        index_instances(events, blobs=blobs, index=index, extended=extended)
+        return
+    except RecordRefused as exc:
+        if len(events) == 1:
+            _refused(events[0], exc, index)
+            return
+    for event in events:
+        try:
+            index_instances([event], blobs=blobs, index=index, extended=extended)
+        except RecordRefused as exc:
+            _refused(event, exc, index)
+
+
+def _refused(event: Event, exc: RecordRefused, index: Index) -> None:
+    uid = getattr(event, "sop_instance_uid", "")
+    log.error("instance stored but not indexed: %s", exc,
+              extra={"sop_instance_uid": uid, "blob_key": getattr(event, "blob_key", "")})
+    metrics.INDEX_REFUSED.inc()
+    try:
+        index.record_audit("index", "refused", subject=uid,
+                           detail=json.dumps({"reason": str(exc)[:500]}))
+    except Exception:
+        log.exception("audit record could not be written")
 
 
 def index_instances(events: Sequence[Event], *, blobs: BlobStore, index: Index,

@@ -40,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.exc import SQLAlchemyError as _SAError
 
 from vna.adapters.index import corrections, extra, sequences
@@ -72,6 +72,7 @@ from vna.ports import (
     ConflictError,
     ConflictKind,
     IndexRecord,
+    RecordRefused,
     StoredHeader,
     Unavailable,
 )
@@ -609,6 +610,9 @@ class SqlIndex:
         try:
             with self.write_transaction() as conn:
                 return _Upsert(self, conn).run(items)
+        except (DataError, OverflowError) as exc:
+            # A value out of a column's range or type: this batch fails every time.
+            raise RecordRefused(f"index database refused a value: {exc}") from exc
         except _SAError as exc:
             raise Unavailable(f"index database: {exc}") from exc
 
