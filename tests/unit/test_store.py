@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pydicom
@@ -140,6 +141,23 @@ def test_invalid_uids_are_refused_and_nothing_is_written(
     assert list(core.blobs.keys()) == []
     assert core.index.counts()["claims"] == 0
     assert list(core.staging.iterdir()) == []
+
+
+@pytest.mark.parametrize("keyword", ["PatientID", "IssuerOfPatientID"])
+def test_a_patient_identifier_longer_than_its_lo_is_refused(
+        core: Core, tmp_path: Path, keyword: str) -> None:
+    # The claim binds a study to its patient by these (64 characters, as an LO):
+    # refused with a reason, not an index that cannot hold it ("retry" for ever).
+    ds = ct_instance()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the overlong LO
+        setattr(ds, keyword, "P" * 65)
+    with pytest.raises(StoreError) as err:
+        _store(core, _file(tmp_path, ds))
+    assert err.value.failure is StoreFailure.INVALID
+    assert keyword in err.value.reason
+    assert core.index.counts()["claims"] == 0
+    assert list(core.blobs.keys()) == []
 
 
 def test_truncated_and_garbage_data_sets_are_refused(core: Core, tmp_path: Path) -> None:

@@ -338,8 +338,9 @@ def _validate(framed: Path, received: Received, framing: Framed
                          "SOPClassUID differs from the Affected SOP Class UID")
     if received.study_instance_uid and values["StudyInstanceUID"] != received.study_instance_uid:
         raise StoreError(StoreFailure.MISMATCH, "instance belongs to another study")
-    if len(values["PatientID"]) > 64:
-        raise StoreError(StoreFailure.INVALID, "PatientID longer than 64 characters")
+    for keyword in ("PatientID", "IssuerOfPatientID"):  # LO: what the claim holds
+        if len(values[keyword]) > 64:
+            raise StoreError(StoreFailure.INVALID, f"{keyword} longer than 64 characters")
     return InstanceClaim(
         sop_instance_uid=values["SOPInstanceUID"], sop_class_uid=values["SOPClassUID"],
         study_instance_uid=values["StudyInstanceUID"],
