@@ -157,6 +157,15 @@ def _metadata(**attributes: object) -> dict[str, object]:
     return dataset_to_json(ds, "/x")
 
 
+def test_values_a_column_cannot_hold_are_left_out_or_made_fit(
+        extended: ExtendedAttributes) -> None:
+    by_key = {a.key: a for a in extended}
+    (kernel,) = values_of(by_key["ConvolutionKernel"], _metadata(ConvolutionKernel="B30\0f"))
+    assert kernel.value_text == "B30f"  # a damaged value's NUL dropped (PostgreSQL)
+    # 200 characters of "ß" fold to 400: longer than the column, left out.
+    assert values_of(by_key["OperatorsName"], _metadata(OperatorsName="ß" * 200)) == []
+
+
 def test_values_have_one_search_form(extended: ExtendedAttributes) -> None:
     by_key = {a.key: a for a in extended}
     for stored in ("1", "1.0", "1.00", " 1.000"):

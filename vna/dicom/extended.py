@@ -259,7 +259,8 @@ def values_of(attr: ExtendedAttribute, metadata: Mapping[str, Any]) -> list[Extr
         return []
     out: dict[tuple[str, float | None], None] = {}
     for raw in _raw_values(found[2]):
-        text = str(raw).strip()
+        # NUL inside a damaged value is dropped: a PostgreSQL text column refuses it.
+        text = str(raw).replace("\0", "").strip()
         if not text or len(text) > MAX_VALUE_LENGTH:
             continue
         num: float | None = None
@@ -269,9 +270,9 @@ def values_of(attr: ExtendedAttribute, metadata: Mapping[str, Any]) -> list[Extr
                 continue
             text = number_text(num)
         elif attr.vr == "PN":
-            text = normalize_person_name(text)
+            text = normalize_person_name(text)  # "ß" folds to "ss": may grow
         elif attr.vr == "TM":
             text = stored_time(text)
-        if text:
+        if text and len(text) <= MAX_VALUE_LENGTH:
             out.setdefault((text, num), None)
     return [ExtraValue(attr.level, attr.key, text, num) for text, num in out]
