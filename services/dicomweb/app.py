@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -54,11 +56,32 @@ def served_app(deps: Deps) -> SendfileExtension:
     return SendfileExtension(create_app(deps))
 
 
+class RefuseNul:
+    """A NUL in a URL (``%00``) is no DICOM value and no person's input: 400 with the
+    reason, for every route, before a handler hands it to a database that refuses it
+    (PostgreSQL, which answered with an internal error). Plain ASGI: nothing added
+    to the other requests but the test."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and ("\0" in scope.get("path", "")
+                                        or b"%00" in scope.get("query_string", b"")):
+            reason = "the URL holds a NUL character (%00)"
+            response = JSONResponse({"detail": reason}, status_code=400,
+                                    headers={"Warning": warning(reason)})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def create_app(deps: Deps) -> FastAPI:
     """The HTTP application over ``deps``; ``deps.extras['on_stored']`` is called after
     a STOW-RS request stored something (the outbox relay's wake-up)."""
     app = FastAPI(title="VNA", docs_url=None, redoc_url=None)
     app.state.deps = deps
+    app.add_middleware(RefuseNul)
     origins = [o.strip() for o in deps.settings.cors_origins.split(",") if o.strip()]
     if origins:
         # Viewers served from another origin read these headers too.

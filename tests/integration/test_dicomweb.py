@@ -260,14 +260,27 @@ def test_qido_accepts_a_timezone_offset_and_matches_dates_as_stored(web: Web) ->
     ({"00080201": "+2500"}, "not an offset"),
     # Echoed in the reason: a control character must not cost the answer its Warning
     # header (the HTTP server refuses such a header and drops the connection).
-    ({"includefield": "\x00"}, "unknown attribute"),
+    ({"includefield": "\x00"}, "NUL character"),
     ({"Modality\x01": "CT"}, "unknown attribute"),
+    # No stored value holds one; PostgreSQL refuses one in a query (was a 500 there).
+    ({"PatientID": "DOE\x00"}, "NUL character"),
 ])
 def test_qido_bad_parameters_get_400_with_a_reason(web: Web, params: dict[str, str],
                                                     reason: str) -> None:
     r = httpx.get(f"{web.root}/studies", params=params)
     assert r.status_code == 400
     assert reason in r.json()["detail"]
+    assert r.headers["warning"].startswith("299 ")
+
+
+@pytest.mark.parametrize("url", [
+    "/dicomweb/studies/1.2%003/series",  # in the path
+    "/worklist/orders?patient_id=PAT%0001",  # the worklist's API too
+])
+def test_a_nul_anywhere_in_the_url_is_400_with_the_reason(web: Web, url: str) -> None:
+    r = httpx.get(web.base + url)
+    assert r.status_code == 400
+    assert "NUL" in r.json()["detail"]
     assert r.headers["warning"].startswith("299 ")
 
 

@@ -70,6 +70,9 @@ def test_uid_lists() -> None:
         ({"StudyInstanceUID": "1." + "2" * 70}, "StudyInstanceUID"),
         ({"NoSuchAttribute": "x"}, "NoSuchAttribute"),
         ({"StudyTime": "2599"}, "StudyTime"),
+        # No stored value holds NUL; PostgreSQL refuses one in a query (was a 500).
+        ({"PatientID": "PAT\0001"}, "PatientID: a value holds a NUL"),
+        ({"PatientName": "DOE\0*"}, "PatientName: a value holds a NUL"),
     ],
 )
 def test_bad_values_are_errors_with_a_reason(keys: dict[str, str], reason: str) -> None:

@@ -419,6 +419,10 @@ def build_query(
     matches: list[Match] = []
     returned: list[str] = list(return_keys or [])
     for key, raw in keys.items():
+        if "\0" in raw:
+            # No value the index holds has one (they are dropped), and PostgreSQL
+            # refuses it in a query: a reason, not an internal error.
+            raise QueryError(f"{key}: a value holds a NUL character")
         ext = extended.lookup(key) if extended else None
         if ext is None and "." in key:  # a private creator may hold a dot: looked up first
             match = _sequence_match(level, key, raw, returned, fuzzy=fuzzy, strict=strict)
