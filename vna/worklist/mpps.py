@@ -110,6 +110,20 @@ def _linked_orders(ds: Dataset, tx: WorklistTx) -> list[Order]:
     return list(found.values())
 
 
+def _holding_nul(ds: Dataset) -> MppsResult | None:
+    """A text value with NUL inside (a damaged one) is refused with its name: the
+    worklist database (PostgreSQL) refuses it, which answered "try again" for ever."""
+    for elem in ds.iterall():  # into sequence items too
+        if elem.VR == "SQ":
+            continue  # its items' elements come next
+        values = elem.value if elem.VM > 1 else [elem.value]
+        if any(v is not None and not isinstance(v, (bytes, Dataset)) and "\0" in str(v)
+               for v in values):
+            return _fail(INVALID_ATTRIBUTE_VALUE,
+                         f"{elem.keyword or elem.tag} holds a NUL character")
+    return None
+
+
 def _check_required(ds: Dataset, keywords: tuple[str, ...]) -> MppsResult | None:
     for keyword in keywords:
         if keyword not in ds:
@@ -126,7 +140,7 @@ def create_mpps(attributes: Dataset, *, sop_instance_uid: str | None, store: Wor
     reason = invalid_uid_reason("Affected SOP Instance UID", uid)
     if reason:
         return _fail(INVALID_ATTRIBUTE_VALUE, reason)
-    missing = _check_required(attributes, _REQUIRED_ON_CREATE)
+    missing = _check_required(attributes, _REQUIRED_ON_CREATE) or _holding_nul(attributes)
     if missing:
         return missing
     state = str(attributes.PerformedProcedureStepStatus)
@@ -176,6 +190,9 @@ def set_mpps(modifications: Dataset, *, sop_instance_uid: str, store: WorklistSt
         if elem.keyword in _CREATE_ONLY:
             return _fail(INVALID_ATTRIBUTE_VALUE,
                          f"{elem.keyword} may not be set by N-SET")
+    damaged = _holding_nul(modifications)
+    if damaged:
+        return damaged
     new_state = str(modifications.get("PerformedProcedureStepStatus", "") or "")
     if new_state and new_state not in {s.value for s in MppsStatus}:
         return _fail(INVALID_ATTRIBUTE_VALUE, f"status {new_state!r} is not a PPS status")

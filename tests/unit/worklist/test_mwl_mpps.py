@@ -164,10 +164,20 @@ def test_mpps_failures(store: MemoryWorklistStore) -> None:
     del missing.PerformedStationAETitle
     assert mpps.create_mpps(missing, sop_instance_uid="1.2.5",
                             store=store).status == mpps.MISSING_ATTRIBUTE
+    damaged = create_attrs(order)
+    damaged.ScheduledStepAttributesSequence[0].AccessionNumber = "A2\0X"
+    refused = mpps.create_mpps(damaged, sop_instance_uid="1.2.5", store=store)
+    # Not "try again": the worklist database (PostgreSQL) refuses a NUL for ever.
+    assert refused.status == mpps.INVALID_ATTRIBUTE_VALUE
+    assert "AccessionNumber holds a NUL" in (refused.comment or "")
     assert mpps.create_mpps(create_attrs(order), sop_instance_uid="1.2.5",
                             store=store).status == status.SUCCESS
     assert mpps.create_mpps(create_attrs(order), sop_instance_uid="1.2.5",
                             store=store).status == mpps.DUPLICATE_SOP_INSTANCE
+    comment = Dataset()
+    comment.PerformedProcedureStepDescription = "CT\0"
+    assert mpps.set_mpps(comment, sop_instance_uid="1.2.5",
+                         store=store).status == mpps.INVALID_ATTRIBUTE_VALUE
     assert mpps.set_mpps(final_attrs("COMPLETED"), sop_instance_uid="9.9.9",
                          store=store).status == mpps.NO_SUCH_OBJECT_INSTANCE
     bad = Dataset()
