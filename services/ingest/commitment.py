@@ -210,11 +210,8 @@ def _deliver(ae: AE, request: _Request, deps: Deps, pending: PendingCommitment |
     if pending is not None:  # to VNA_PEERS, on a new association, once answered
         _attempt(ae, deps, pending)
         return
-    committed, failed = _counted(commitment_result(request.items, deps))
-    event_type, info = report_dataset(request.transaction_uid, deps.settings.ae_title,
-                                      committed, failed)
-    extra = {"destination": request.requester, "committed": len(committed),
-             "failed": len(failed)}
+    event_type, info, extra = _report_of(request.transaction_uid, request.items,
+                                         request.requester, deps, count=True)
     if not (answered and request.assoc.is_established):
         log.warning("storage commitment report not delivered: the requester left "
                     "and is not in VNA_PEERS", extra=extra)
@@ -226,26 +223,28 @@ def _deliver(ae: AE, request: _Request, deps: Deps, pending: PendingCommitment |
         "same_association" if sent else "undelivered").inc()
 
 
-def _counted(result: tuple[list[tuple[str, str]], list[tuple[str, str, int]]]
-             ) -> tuple[list[tuple[str, str]], list[tuple[str, str, int]]]:
-    """``result``, its instances counted in /metrics (once a request)."""
-    committed, failed = result
-    metrics.STORAGE_COMMITMENT.labels("committed").inc(len(committed))
-    metrics.STORAGE_COMMITMENT.labels("failed").inc(len(failed))
-    return committed, failed
+def _report_of(transaction_uid: str, items: list[tuple[str, str]], requester: str,
+               deps: Deps, *, count: bool) -> tuple[int, Dataset, dict[str, Any]]:
+    """The report on ``items`` as they stand now: Event Type ID, Event Information,
+    and what the log says of it; with ``count``, its instances counted in /metrics
+    (once a request, not at each retry)."""
+    committed, failed = commitment_result(items, deps)
+    if count:
+        metrics.STORAGE_COMMITMENT.labels("committed").inc(len(committed))
+        metrics.STORAGE_COMMITMENT.labels("failed").inc(len(failed))
+    event_type, info = report_dataset(transaction_uid, deps.settings.ae_title,
+                                      committed, failed)
+    return event_type, info, {"destination": requester, "committed": len(committed),
+                              "failed": len(failed)}
 
 
 def _attempt(ae: AE, deps: Deps, pending: PendingCommitment) -> None:
     """Report ``pending`` on a new association, as its instances stand now; then
     forget it, or make it due again after the next of VNA_COMMITMENT_RETRY_SECONDS,
     or, those spent (or the requester gone from VNA_PEERS), give it up."""
-    committed, failed = commitment_result(pending.items, deps)
-    if pending.attempts == 0:
-        _counted((committed, failed))
-    event_type, info = report_dataset(pending.transaction_uid, deps.settings.ae_title,
-                                      committed, failed)
-    extra = {"destination": pending.requester, "committed": len(committed),
-             "failed": len(failed)}
+    event_type, info, extra = _report_of(pending.transaction_uid, pending.items,
+                                         pending.requester, deps,
+                                         count=pending.attempts == 0)
     peer = deps.settings.peer_table().get(pending.requester)
     if peer is not None and _report_to_peer(ae, peer, pending.requester, event_type, info,
                                             extra):

@@ -114,7 +114,6 @@ def _calling_ae(event: evt.Event) -> str:
     return str(event.assoc.requestor.ae_title).strip()
 
 
-
 def _answer(result: MppsResult, created_without_uid: bool = False
             ) -> tuple[int | Dataset, Dataset | None]:
     if result.status != status.SUCCESS:

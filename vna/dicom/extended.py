@@ -30,6 +30,7 @@ from pydicom.datadict import dictionary_VR, get_private_entry, keyword_for_tag, 
 from vna.dicom.matching import (
     ATTRIBUTES,
     NUMERIC_VRS,
+    VALUE_LENGTH,
     Level,
     QueryError,
     normalize_person_name,
@@ -43,8 +44,6 @@ _LEVEL_NAMES = {"patient": Level.PATIENT, "study": Level.STUDY, "series": Level.
                 "instance": Level.IMAGE, "image": Level.IMAGE}
 _PRIVATE = re.compile(r"^([0-9A-Fa-f]{4})xx([0-9A-Fa-f]{2})@(.+)$")
 _HEX_TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
-MAX_VALUE_LENGTH = 256
-"""Longer values are not indexed (the column's width); no query attribute needs them."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,8 @@ def values_of(attr: ExtendedAttribute, metadata: Mapping[str, Any]) -> list[Extr
     for raw in _raw_values(found[2]):
         # NUL inside a damaged value is dropped: a PostgreSQL text column refuses it.
         text = str(raw).replace("\0", "").strip()
-        if not text or len(text) > MAX_VALUE_LENGTH:
+        # Longer values are not indexed (the column's width); no query needs them.
+        if not text or len(text) > VALUE_LENGTH:
             continue
         num: float | None = None
         if attr.numeric:
@@ -273,6 +273,6 @@ def values_of(attr: ExtendedAttribute, metadata: Mapping[str, Any]) -> list[Extr
             text = normalize_person_name(text)  # "ß" folds to "ss": may grow
         elif attr.vr == "TM":
             text = stored_time(text)
-        if text and len(text) <= MAX_VALUE_LENGTH:
+        if text and len(text) <= VALUE_LENGTH:
             out.setdefault((text, num), None)
     return [ExtraValue(attr.level, attr.key, text, num) for text, num in out]

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection
 from vna.adapters.index.conditions import text_condition
 from vna.adapters.index.schema import instances, metadata, series, studies
 from vna.dicom.extended import ExtraValue
-from vna.dicom.matching import Level, Match, MatchKind
+from vna.dicom.matching import VALUE_LENGTH, Level, Match, MatchKind
 from vna.ports import BackfillState, StoredHeader
 
 extra_attributes = Table(
@@ -42,7 +42,7 @@ extra_attributes = Table(
     Column("level", String(8), primary_key=True),
     Column("tag", String(96), primary_key=True),
     Column("owner_pk", Integer, primary_key=True),
-    Column("value_text", String(256), primary_key=True),
+    Column("value_text", String(VALUE_LENGTH), primary_key=True),
     Column("value_num", Float, nullable=True),
 )
 # Matching reads (level, tag, value) and correlates on owner_pk: both in the index.
