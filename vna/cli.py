@@ -488,8 +488,13 @@ def cmd_reindex(settings: Settings) -> int:
           f"{len(report.mismatched)} replayed differently)", flush=True)
     for line in report.mismatched:
         print(f"  replayed differently: {line}", flush=True)
+    if report.refused:
+        print(f"left out {report.refused} blobs refused when they were stored", flush=True)
+    for line in report.conflicts:
+        print(f"  conflict, not indexed (the first blob found with its SOP Instance UID "
+              f"was): {line}", flush=True)
     deps.close()
-    return 0 if report.failed == 0 and not report.mismatched else 1
+    return 0 if report.failed == 0 and not report.mismatched and not report.conflicts else 1
 
 
 def cmd_backfill(settings: Settings, *, restart: bool = False) -> int:

@@ -38,14 +38,31 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vna.model import BlobKey
+from vna.model import BlobKey, is_blob_key
 from vna.ports import BlobStore
 
 MAGIC = b"VNA-JOURNAL 1\n"
 KINDS = ("correction", "merge", "join", "unmerge")
+
+REFUSAL = b"VNA-REFUSED 1\n"
+"""A refusal note: the blob it names holds an instance the archive refused.
+
+Two senders can store the same SOP Instance UID with different bytes, or the
+first instances of a new study under two Patient IDs, at the same moment: both
+pass the early check, both write their blob, and the index's claim refuses the
+one that commits second. Its blob stays (a write-once store keeps what it got),
+and from the blobs alone ``vna reindex`` could not tell which of the two the
+archive accepted: it indexed whichever it met first, so after a rebuild the
+index could serve the refused bytes, or file a refused instance in another
+patient's study. The store path therefore writes this note, durably, before it
+answers the refusal; reindex leaves the blobs named in notes out. Format: this
+magic line, then one JSON object: ``blob_key``, ``sop_instance_uid``,
+``failure``, ``reason``, ``at``.
+"""
 
 
 class JournalError(ValueError):
@@ -91,8 +108,26 @@ def decode(key: BlobKey, data: bytes) -> JournalEntry:
         raise JournalError(f"journal entry {key} lacks {exc}") from exc
 
 
+def is_refusal(head: bytes) -> bool:
+    """Whether a blob starting with ``head`` is a refusal note."""
+    return head.startswith(REFUSAL)
+
+
+def refused_blob(key: BlobKey, data: bytes) -> BlobKey:
+    """The blob a refusal note names; ``JournalError`` when it is not a valid note."""
+    try:
+        doc = json.loads(data[len(REFUSAL):]) if is_refusal(data) else None
+    except ValueError:
+        doc = None
+    refused = doc.get("blob_key") if isinstance(doc, dict) else None
+    if not isinstance(refused, str) or not is_blob_key(refused):
+        raise JournalError(f"blob {key} is not a valid refusal note")
+    return BlobKey(refused)
+
+
 class BlobJournal:
-    """Writes journal entries to a blob store (durable when ``put_file`` returns)."""
+    """Writes journal entries and refusal notes to a blob store (durable when
+    ``put_file`` returns)."""
 
     def __init__(self, blobs: BlobStore, staging_dir: Path | None = None) -> None:
         self.blobs = blobs
@@ -101,7 +136,18 @@ class BlobJournal:
 
     def write(self, doc: Mapping[str, Any]) -> BlobKey:
         """Store ``doc`` as an entry; its key. Raises ``Unavailable`` like ``put_file``."""
-        data = encode(doc)
+        return self._put(encode(doc))
+
+    def refuse(self, blob_key: BlobKey, *, sop_instance_uid: str, failure: str,
+               reason: str) -> BlobKey:
+        """Note that the instance in ``blob_key`` was refused; the note's key."""
+        doc = {"blob_key": blob_key, "sop_instance_uid": sop_instance_uid,
+               "failure": failure, "reason": reason,
+               "at": datetime.now(UTC).isoformat()}
+        return self._put(REFUSAL + json.dumps(doc, sort_keys=True,
+                                              separators=(",", ":")).encode() + b"\n")
+
+    def _put(self, data: bytes) -> BlobKey:
         key = BlobKey(hashlib.sha256(data).hexdigest())
         fd, name = tempfile.mkstemp(prefix="journal-", dir=self.staging_dir)
         try:

@@ -1,9 +1,11 @@
 """Rebuild the index from the blob store alone (design invariant 7).
 
-The blob store holds the instances as received and the correction journal
-(``vna.journal``): study corrections, patient merges and unmerges. Reindex
-indexes every instance first, then replays the journal's committed entries in
-their original order, so that queries, metadata versions and merge records
+The blob store holds the instances as received, the correction journal
+(``vna.journal``): study corrections, patient merges and unmerges, and the
+refusal notes naming blobs of instances refused when they were stored (two
+senders racing with contradicting instances). Reindex indexes every instance
+first, the refused ones left out, then replays the journal's committed entries
+in their original order, so that queries, metadata versions and merge records
 come out as they were.
 """
 
@@ -14,9 +16,19 @@ from dataclasses import dataclass, field
 
 from vna.dicom.extended import NO_EXTENDED, ExtendedAttributes
 from vna.dicom.part10 import read_header
-from vna.journal import MAGIC, JournalEntry, JournalError, committed_chain, decode, is_journal
+from vna.journal import (
+    MAGIC,
+    REFUSAL,
+    JournalEntry,
+    JournalError,
+    committed_chain,
+    decode,
+    is_journal,
+    is_refusal,
+    refused_blob,
+)
 from vna.model import BlobKey, InstanceClaim
-from vna.ports import BlobStore, ConflictError, Index
+from vna.ports import BlobStore, ConflictError, ConflictKind, Index
 from vna.usecases.index import read_blob_record
 from vna.usecases.store import stored_event
 
@@ -36,38 +48,80 @@ class ReindexReport:
     """Journal entries left out: their transaction did not commit (``committed_chain``)."""
     mismatched: list[str] = field(default_factory=list)
     """Replayed entries whose outcome differed from what they recorded: key and how."""
+    refused: int = 0
+    """Blobs left out: refused when stored (a refusal note names them, ``vna.journal``)."""
+    conflicts: list[str] = field(default_factory=list)
+    """Blobs holding a SOP Instance UID already indexed from another blob, with no
+    refusal note to tell which the archive had accepted: the first found is kept."""
 
 
 def reindex(*, blobs: BlobStore, index: Index,
             extended: ExtendedAttributes = NO_EXTENDED) -> ReindexReport:
     """Claim and index every blob, then replay the correction journal; existing
-    rows and journal entries already applied are kept (idempotent)."""
+    rows and journal entries already applied are kept (idempotent).
+
+    Two passes over the keys: the first finds the journal and the refusal notes
+    (small, and few), the second indexes the instances. A blob a note names goes
+    last: the instance accepted in its place, if any, is indexed first, and the
+    noted one is then left out on the conflict, never merely for the note."""
     report = ReindexReport()
     entries: list[JournalEntry] = []
+    special: set[BlobKey] = set()
+    noted: set[BlobKey] = set()
+    head_size = max(len(MAGIC), len(REFUSAL))
     for key in blobs.keys():
         report.blobs += 1
         try:
-            if is_journal(blobs.read_range(key, 0, len(MAGIC))):
+            head = blobs.read_range(key, 0, head_size)
+            if is_journal(head) or is_refusal(head):
+                special.add(key)
                 with blobs.open(key) as fp:
-                    entries.append(decode(key, fp.read()))
-                continue
-            if _index_blob(key, blobs=blobs, index=index, extended=extended):
-                report.indexed += 1
+                    data = fp.read()
+                if is_journal(head):
+                    entries.append(decode(key, data))
+                else:
+                    noted.add(refused_blob(key, data))
         except JournalError:
+            special.add(key)
             report.failed += 1
             log.exception("reindex: journal entry unreadable", extra={"blob_key": key})
         except Exception:
+            special.add(key)  # counted once, here
             report.failed += 1
             log.exception("reindex: blob unreadable", extra={"blob_key": key})
+    last: list[BlobKey] = []
+    for key in blobs.keys():
+        if key in special:
+            continue
+        if key in noted:
+            last.append(key)
+            continue
+        _index_one(key, blobs=blobs, index=index, extended=extended, report=report)
+    for key in last:
+        _index_one(key, blobs=blobs, index=index, extended=extended, report=report,
+                   refused_when_stored=True)
     report.journal = len(entries)
     replay_journal(entries, index=index, report=report)
-    outcome = "success" if not (report.failed or report.mismatched) else "incomplete"
+    outcome = ("success" if not (report.failed or report.mismatched or report.conflicts)
+               else "incomplete")
     index.record_audit(
         "index.reindexed", outcome, actor="reindex", subject="index",
         detail=f"blobs={report.blobs} indexed={report.indexed} failed={report.failed} "
                f"journal={report.journal} replayed={report.replayed} "
-               f"orphaned={report.orphaned} mismatched={len(report.mismatched)}")
+               f"orphaned={report.orphaned} mismatched={len(report.mismatched)} "
+               f"refused={report.refused} conflicts={len(report.conflicts)}")
     return report
+
+
+def _index_one(key: BlobKey, *, blobs: BlobStore, index: Index, extended: ExtendedAttributes,
+               report: ReindexReport, refused_when_stored: bool = False) -> None:
+    try:
+        if _index_blob(key, blobs=blobs, index=index, extended=extended, report=report,
+                       refused_when_stored=refused_when_stored):
+            report.indexed += 1
+    except Exception:
+        report.failed += 1
+        log.exception("reindex: blob unreadable", extra={"blob_key": key})
 
 
 def replay_journal(entries: list[JournalEntry], *, index: Index,
@@ -94,8 +148,8 @@ def replay_journal(entries: list[JournalEntry], *, index: Index,
                       entry.key, entry.kind, differs)
 
 
-def _index_blob(key: BlobKey, *, blobs: BlobStore, index: Index,
-                extended: ExtendedAttributes) -> bool:
+def _index_blob(key: BlobKey, *, blobs: BlobStore, index: Index, extended: ExtendedAttributes,
+                report: ReindexReport, refused_when_stored: bool) -> bool:
     ds, record = read_blob_record(key, blobs, extended=extended)
     with blobs.open(key) as fp:
         header = read_header(fp)
@@ -110,5 +164,18 @@ def _index_blob(key: BlobKey, *, blobs: BlobStore, index: Index,
     try:
         index.claim(claim, stored_event(claim, "reindex"))
     except ConflictError as exc:
+        if refused_when_stored:
+            report.refused += 1
+            log.info("reindex: left out, refused when stored: %s", exc.reason,
+                     extra={"blob_key": key})
+            return False
+        if exc.kind is ConflictKind.SOP_INSTANCE:
+            report.conflicts.append(f"{key}: {exc.reason}")
+            log.error("reindex: %s; the blob indexed first is kept, this one is not",
+                      exc.reason, extra={"blob_key": key})
+            return False
+        # A study under another patient than its first instances: a study corrected
+        # and sent again under its new Patient ID. The journal, replayed next, files
+        # the study as it was.
         log.warning("reindex: %s", exc.reason, extra={"blob_key": key})
     return index.upsert_instance(record)

@@ -32,6 +32,7 @@ from vna.dicom.header import extract_record
 from vna.dicom.part10 import CHUNK, NotPart10Error, file_meta_bytes, read_header
 from vna.dicom.uids import invalid_uid_reason
 from vna.events import InstanceStored
+from vna.journal import BlobJournal
 from vna.model import BlobKey, IndexRecord, InstanceClaim, InstanceRef
 from vna.ports import BlobStore, ClaimOutcome, ConflictError, ConflictKind, Index, Unavailable
 
@@ -115,6 +116,7 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
     started = time.perf_counter()
     framed: Path | None = None
     claim: InstanceClaim | None = None
+    wrote_blob = False
     try:
         framed, framing = _frame(received, staging_dir)
         blob_key, size = framing.blob_key, framing.size
@@ -124,7 +126,8 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
         if index.check_claim(claim) is ClaimOutcome.DUPLICATE:
             metrics.INSTANCES_DUPLICATE.inc()
             return _result(claim, ClaimOutcome.DUPLICATE)
-        blobs.put_file(blob_key, framed)
+        # True: these bytes were not in the store before (see _note_refusal).
+        wrote_blob = blobs.put_file(blob_key, framed)
         outcome = index.claim(claim, stored_event(claim, received.source_ae, record))
         if outcome is ClaimOutcome.NEW:
             metrics.INSTANCES_STORED.inc()
@@ -145,6 +148,8 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
                                                       "sop_instance_uid":
                                                       received.sop_instance_uid or ""})
         _audit_refusal(index, failure, exc.reason, received, claim)
+        if wrote_blob and claim is not None:
+            _note_refusal(blobs, claim, failure, exc.reason, staging_dir)
         raise StoreError(failure, exc.reason) from exc
     except Unavailable as exc:
         metrics.STORE_FAILURES.labels(StoreFailure.UNAVAILABLE.value).inc()
@@ -173,6 +178,22 @@ def _audit_refusal(index: Index, failure: StoreFailure, reason: str, received: R
         )
     except Exception:
         log.exception("audit record could not be written")
+
+
+def _note_refusal(blobs: BlobStore, claim: InstanceClaim, failure: StoreFailure, reason: str,
+                  staging_dir: Path | None) -> None:
+    """The refused bytes were written to the blob store before a concurrent
+    store's claim won: a refusal note says so, for ``vna reindex``
+    (``vna.journal.REFUSAL``). Only for bytes this store wrote: a blob that was
+    there before may be an accepted instance's. Written before the refusal is
+    answered; if it cannot be, the refusal still is."""
+    try:
+        BlobJournal(blobs, staging_dir).refuse(
+            claim.blob_key, sop_instance_uid=claim.sop_instance_uid,
+            failure=failure.value, reason=reason)
+    except Exception:
+        log.exception("refusal note not written: vna reindex will count the refused "
+                      "blob as a conflict", extra={"blob_key": claim.blob_key})
 
 
 def _result(claim: InstanceClaim, outcome: ClaimOutcome) -> StoreResult:
