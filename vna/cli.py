@@ -489,7 +489,7 @@ def cmd_reindex(settings: Settings) -> int:
     for line in report.mismatched:
         print(f"  replayed differently: {line}", flush=True)
     if report.refused:
-        print(f"left out {report.refused} blobs refused when they were stored", flush=True)
+        print(f"left out {report.refused} blobs not accepted when they were stored", flush=True)
     for line in report.conflicts:
         print(f"  conflict, not indexed (the first blob found with its SOP Instance UID "
               f"was): {line}", flush=True)

@@ -59,9 +59,12 @@ and from the blobs alone ``vna reindex`` could not tell which of the two the
 archive accepted: it indexed whichever it met first, so after a rebuild the
 index could serve the refused bytes, or file a refused instance in another
 patient's study. The store path therefore writes this note, durably, before it
-answers the refusal; reindex leaves the blobs named in notes out. Format: this
-magic line, then one JSON object: ``blob_key``, ``sop_instance_uid``,
-``failure``, ``reason``, ``at``.
+answers the refusal; reindex indexes the blobs named in notes last, and leaves
+them out when they contradict what it indexed before them. So does a store
+whose claim the index could not record after its blob was written (``failure``
+``unavailable``): such a blob goes after the unnoted ones and before the refused
+ones. Format: this magic line, then one JSON object: ``blob_key``,
+``sop_instance_uid``, ``failure``, ``reason``, ``at``.
 """
 
 
@@ -113,8 +116,27 @@ def is_refusal(head: bytes) -> bool:
     return head.startswith(REFUSAL)
 
 
-def refused_blob(key: BlobKey, data: bytes) -> BlobKey:
-    """The blob a refusal note names; ``JournalError`` when it is not a valid note."""
+UNSETTLED = "unavailable"
+"""The failure a note gives when the index could not be reached to claim the
+instance: its sender was told to retry, and a retry of the same bytes may have
+been accepted since. Every other failure is a refusal that stands."""
+
+
+@dataclass(frozen=True)
+class RefusalNote:
+    """What a refusal note says: which blob, and why it was not accepted."""
+
+    blob_key: BlobKey
+    failure: str
+
+    @property
+    def settled(self) -> bool:
+        """Refused for good (a conflict), not merely unrecorded when it came."""
+        return self.failure != UNSETTLED
+
+
+def read_refusal(key: BlobKey, data: bytes) -> RefusalNote:
+    """The note in blob ``key``; ``JournalError`` when it is not a valid note."""
     try:
         doc = json.loads(data[len(REFUSAL):]) if is_refusal(data) else None
     except ValueError:
@@ -122,7 +144,8 @@ def refused_blob(key: BlobKey, data: bytes) -> BlobKey:
     refused = doc.get("blob_key") if isinstance(doc, dict) else None
     if not isinstance(refused, str) or not is_blob_key(refused):
         raise JournalError(f"blob {key} is not a valid refusal note")
-    return BlobKey(refused)
+    assert isinstance(doc, dict)
+    return RefusalNote(BlobKey(refused), str(doc.get("failure", "")))
 
 
 class BlobJournal:

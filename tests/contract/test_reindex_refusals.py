@@ -25,8 +25,10 @@ from pydicom.uid import generate_uid
 
 from vna.adapters.blob.filesystem import FilesystemBlobStore
 from vna.adapters.index.sqlalchemy import SqlIndex
-from vna.journal import BlobJournal, is_refusal, refused_blob
-from vna.model import BlobKey
+from vna.events import InstanceStored
+from vna.journal import BlobJournal, is_refusal, read_refusal
+from vna.model import BlobKey, InstanceClaim
+from vna.ports import ClaimOutcome, Unavailable
 from vna.testing.synthetic import ct_instance
 from vna.usecases.reindex import ReindexReport, reindex
 from vna.usecases.store import Received, StoreError, StoreFailure, store_instance
@@ -97,7 +99,7 @@ def _blobs(blobs: FilesystemBlobStore) -> tuple[list[BlobKey], list[BlobKey]]:
         with blobs.open(key) as fp:
             data = fp.read()
         if is_refusal(data):
-            named.append(refused_blob(key, data))
+            named.append(read_refusal(key, data).blob_key)
         else:
             instances.append(key)
     return instances, named
@@ -253,7 +255,7 @@ def test_vna_reindex_says_what_it_left_out_and_what_it_could_not_settle(
 
     settled = vna_reindex()
     assert settled.returncode == 0, settled.stderr
-    assert "left out 1 blobs refused when they were stored" in settled.stdout
+    assert "left out 1 blobs not accepted when they were stored" in settled.stdout
     assert "conflict" not in settled.stdout
 
     # Bytes contradicting the accepted instance, with no note: reported, exit 1.
@@ -265,3 +267,82 @@ def test_vna_reindex_says_what_it_left_out_and_what_it_could_not_settle(
     assert unsettled.returncode == 1
     # Which of the two is indexed depends on the order the store lists them in.
     assert unsettled.stdout.count("conflict, not indexed") == 1
+
+
+def _index_away_once(monkeypatch: pytest.MonkeyPatch, index: SqlIndex) -> None:
+    """The next claim fails as when the index database cannot be reached; later
+    ones reach it."""
+    real = index.claim
+    calls = iter(range(1))
+
+    def claim(claim: InstanceClaim, event: InstanceStored) -> ClaimOutcome:
+        if next(calls, None) is not None:
+            raise Unavailable("index database: connection refused")
+        return real(claim, event)
+
+    monkeypatch.setattr(index, "claim", claim)
+
+
+def test_bytes_the_index_could_not_record_are_indexed_once_a_retry_is_accepted(
+        tmp_path: Path, live: SqlIndex, new_url: Callable[[], str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    path = _file(ct_instance(), tmp_path, "retried")
+    _index_away_once(monkeypatch, live)
+    with pytest.raises(StoreError) as away:
+        store_instance(Received(path=path), blobs=blobs, index=live,
+                       staging_dir=blobs.staging_dir())
+    assert away.value.failure is StoreFailure.UNAVAILABLE
+    instances, named = _blobs(blobs)
+    assert named == instances  # its blob is in, and noted
+
+    store_instance(Received(path=path), blobs=blobs, index=live,
+                   staging_dir=blobs.staging_dir())  # the modality's retry
+    report, rebuilt = _reindexed(blobs, new_url())
+
+    assert (report.indexed, report.refused, report.conflicts) == (1, 0, [])
+    assert rebuilt == _accepted(live)
+
+
+def test_bytes_the_index_could_not_record_give_way_to_what_it_accepted_instead(
+        tmp_path: Path, live: SqlIndex, new_url: Callable[[], str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never retried, and another sender's different bytes for the same SOP Instance
+    # UID accepted since: without the note, reindex could not tell the two apart.
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    sop = generate_uid()
+    lost, kept = (_file(ct_instance(sop_uid=sop, attributes={"ImageComments": v}),
+                        tmp_path, v) for v in ("lost", "kept"))
+    _index_away_once(monkeypatch, live)
+    with pytest.raises(StoreError):
+        store_instance(Received(path=lost), blobs=blobs, index=live,
+                       staging_dir=blobs.staging_dir())
+    store_instance(Received(path=kept), blobs=blobs, index=live,
+                   staging_dir=blobs.staging_dir())
+
+    report, rebuilt = _reindexed(blobs, new_url())
+
+    assert (report.indexed, report.refused, report.conflicts) == (1, 1, [])
+    assert rebuilt == _accepted(live)
+
+
+def test_a_blob_refused_for_good_gives_way_to_one_the_index_was_away_for(
+        tmp_path: Path, new_url: Callable[[], str]) -> None:
+    # The index was away for the first bytes, which a retry then got accepted; a
+    # racing sender's different bytes were refused. Both blobs carry a note: the
+    # refused one is indexed last, so it is the one left out.
+    blobs = FilesystemBlobStore(tmp_path / "blobs")
+    journal = BlobJournal(blobs)
+    sop = generate_uid()
+    keys = {}
+    for variant, failure in (("accepted", "unavailable"), ("refused", "sop-conflict")):
+        path = _file(ct_instance(sop_uid=sop, attributes={"ImageComments": variant}),
+                     tmp_path, variant)
+        keys[variant] = BlobKey(hashlib.sha256(path.read_bytes()).hexdigest())
+        blobs.put_file(keys[variant], path)
+        journal.refuse(keys[variant], sop_instance_uid=sop, failure=failure, reason="a test")
+
+    report, rebuilt = _reindexed(blobs, new_url())
+
+    assert (report.indexed, report.refused, report.conflicts) == (1, 1, [])
+    assert rebuilt[sop][0] == keys["accepted"]

@@ -25,7 +25,7 @@ from vna.journal import (
     decode,
     is_journal,
     is_refusal,
-    refused_blob,
+    read_refusal,
 )
 from vna.model import BlobKey, InstanceClaim
 from vna.ports import BlobStore, ConflictError, ConflictKind, Index
@@ -49,7 +49,8 @@ class ReindexReport:
     mismatched: list[str] = field(default_factory=list)
     """Replayed entries whose outcome differed from what they recorded: key and how."""
     refused: int = 0
-    """Blobs left out: refused when stored (a refusal note names them, ``vna.journal``)."""
+    """Blobs left out: not accepted when stored (a refusal note names them,
+    ``vna.journal``), and contradicting what was."""
     conflicts: list[str] = field(default_factory=list)
     """Blobs holding a SOP Instance UID already indexed from another blob, with no
     refusal note to tell which the archive had accepted: the first found is kept."""
@@ -62,12 +63,14 @@ def reindex(*, blobs: BlobStore, index: Index,
 
     Two passes over the keys: the first finds the journal and the refusal notes
     (small, and few), the second indexes the instances. A blob a note names goes
-    last: the instance accepted in its place, if any, is indexed first, and the
-    noted one is then left out on the conflict, never merely for the note."""
+    after the others (refused ones last, after those the index was away for): the
+    instance accepted in its place, if any, is indexed first, and the noted one is
+    then left out on the conflict, never merely for the note."""
     report = ReindexReport()
     entries: list[JournalEntry] = []
     special: set[BlobKey] = set()
-    noted: set[BlobKey] = set()
+    refused: set[BlobKey] = set()  # noted as refused for good
+    unsettled: set[BlobKey] = set()  # noted as not recorded (the index was away)
     head_size = max(len(MAGIC), len(REFUSAL))
     for key in blobs.keys():
         report.blobs += 1
@@ -80,7 +83,8 @@ def reindex(*, blobs: BlobStore, index: Index,
                 if is_journal(head):
                     entries.append(decode(key, data))
                 else:
-                    noted.add(refused_blob(key, data))
+                    note = read_refusal(key, data)
+                    (refused if note.settled else unsettled).add(note.blob_key)
         except JournalError:
             special.add(key)
             report.failed += 1
@@ -89,15 +93,18 @@ def reindex(*, blobs: BlobStore, index: Index,
             special.add(key)  # counted once, here
             report.failed += 1
             log.exception("reindex: blob unreadable", extra={"blob_key": key})
+    later: list[BlobKey] = []
     last: list[BlobKey] = []
     for key in blobs.keys():
         if key in special:
             continue
-        if key in noted:
+        if key in refused:
             last.append(key)
-            continue
-        _index_one(key, blobs=blobs, index=index, extended=extended, report=report)
-    for key in last:
+        elif key in unsettled:
+            later.append(key)
+        else:
+            _index_one(key, blobs=blobs, index=index, extended=extended, report=report)
+    for key in (*later, *last):
         _index_one(key, blobs=blobs, index=index, extended=extended, report=report,
                    refused_when_stored=True)
     report.journal = len(entries)

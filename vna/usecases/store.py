@@ -154,6 +154,10 @@ def store_instance(received: Received, *, blobs: BlobStore, index: Index,
     except Unavailable as exc:
         metrics.STORE_FAILURES.labels(StoreFailure.UNAVAILABLE.value).inc()
         log.error("store unavailable: %s", exc)
+        if wrote_blob and claim is not None:  # the blob is in, its claim is not
+            _note_refusal(blobs, claim, StoreFailure.UNAVAILABLE,
+                          "the index could not record it; its sender was told to retry",
+                          staging_dir)
         raise StoreError(StoreFailure.UNAVAILABLE, "archive storage unavailable, retry") from exc
     except StoreError as exc:
         metrics.STORE_FAILURES.labels(exc.failure.value).inc()
@@ -183,10 +187,10 @@ def _audit_refusal(index: Index, failure: StoreFailure, reason: str, received: R
 def _note_refusal(blobs: BlobStore, claim: InstanceClaim, failure: StoreFailure, reason: str,
                   staging_dir: Path | None) -> None:
     """The refused bytes were written to the blob store before a concurrent
-    store's claim won: a refusal note says so, for ``vna reindex``
-    (``vna.journal.REFUSAL``). Only for bytes this store wrote: a blob that was
-    there before may be an accepted instance's. Written before the refusal is
-    answered; if it cannot be, the refusal still is."""
+    store's claim won, or before the index failed to record the claim: a refusal
+    note says so, for ``vna reindex`` (``vna.journal.REFUSAL``). Only for bytes
+    this store wrote: a blob that was there before may be an accepted instance's.
+    Written before the refusal is answered; if it cannot be, the refusal still is."""
     try:
         BlobJournal(blobs, staging_dir).refuse(
             claim.blob_key, sop_instance_uid=claim.sop_instance_uid,
