@@ -82,8 +82,10 @@ AFFECTED_SOP_INSTANCE_UID = 0x1000
 
 MAX_REQUEST_LENGTH = 1 << 20
 """A larger A-ASSOCIATE-RQ is left to pynetdicom (a real one is a few kB)."""
-MAX_PDU_LENGTH = 1 << 27
-"""Refuse a P-DATA PDU longer than this (128 MiB) rather than hold it in memory."""
+RECEIVE_BUFFER = 1 << 18
+"""Bytes an association reads off the socket at a time (256 kB), whatever its PDUs."""
+MAX_COMMAND_LENGTH = 1 << 16
+"""A longer command set is a protocol error (a C-STORE-RQ's is a few hundred bytes)."""
 PROCESSING_FAILURE = 0x0110
 
 STORE_STATUS = {
@@ -233,6 +235,11 @@ class _Association:
         self.accepted: dict[int, PresentationContext] = {}
         self.command = bytearray()
         self.pending: _PendingStore | None = None
+        # One buffer for the association, filled straight from the socket: each piece
+        # is consumed (hashed, written) before the next is read. A buffered reader
+        # in between copied every byte once more, and a fresh object per PDU cost the
+        # allocator fresh pages each time. Larger than the PDUs dcmtk sends (128 kB).
+        self.buffer = memoryview(bytearray(RECEIVE_BUFFER))
         self.stored = self.failed = 0
 
     def run(self) -> None:
@@ -247,28 +254,16 @@ class _Association:
     def _run(self) -> None:
         self._accept()
         _blocking_with_timeout(self.conn, self.receiver._timeout)
-        # One buffer for the association's PDUs, filled straight from the socket:
-        # each is consumed (hashed, written) before the next is read. A buffered
-        # reader in between copied every byte once more, and a fresh 128 kB object
-        # per PDU cost the allocator fresh pages each time.
-        head = bytearray(6)
-        buffer = bytearray(1 << 17)
+        head = memoryview(bytearray(6))
         try:
             while True:
-                if _recv_into(self.conn, memoryview(head)) < 6:
+                if _recv_into(self.conn, head) < 6:
                     return  # the peer closed the connection
                 kind, length = head[0], int.from_bytes(head[2:6], "big")
-                if length > MAX_PDU_LENGTH:
-                    self._abort(reason=0x06)
-                    raise ProtocolError(f"PDU of {length} bytes")
-                if length > len(buffer):
-                    buffer = bytearray(length)
-                body = memoryview(buffer)[:length]
-                if _recv_into(self.conn, body) < length:
-                    raise ProtocolError("connection closed inside a PDU")
                 if kind == P_DATA_TF_PDU:
-                    self._p_data(body)
-                elif kind == A_RELEASE_RQ_PDU:
+                    self._p_data(length)
+                elif kind == A_RELEASE_RQ_PDU and length == 4:
+                    self._read(length)
                     self.conn.sendall(bytes((A_RELEASE_RP_PDU, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
                     return
                 elif kind == A_ABORT_PDU:
@@ -279,6 +274,13 @@ class _Association:
         finally:
             if self.pending is not None:
                 self.pending.discard()
+
+    def _read(self, count: int) -> memoryview:
+        """The next ``count`` bytes (at most the buffer's size) off the socket."""
+        view = self.buffer[:count]
+        if _recv_into(self.conn, view) < count:
+            raise ProtocolError("connection closed inside a PDU")
+        return view
 
     def _accept(self) -> None:
         result, _ = negotiate_as_acceptor(self.request.presentation_context_definition_list,
@@ -312,32 +314,41 @@ class _Association:
         with contextlib.suppress(OSError):
             self.conn.sendall(bytes((A_ABORT_PDU, 0, 0, 0, 0, 4, 0, 0, 2, reason)))
 
-    def _p_data(self, body: memoryview) -> None:
-        offset, end = 0, len(body)
-        while offset < end:
-            if offset + 6 > end:
+    def _p_data(self, length: int) -> None:
+        """A P-DATA-TF PDU of ``length`` bytes, read as it comes: PDV by PDV, a data
+        set fragment in buffer-sized pieces straight into its staging file. Whatever
+        length the peer chose (VNA sets no maximum: a pynetdicom SCU then sends a
+        whole data set in one PDU), an association holds one buffer, not the PDU."""
+        remaining = length
+        while remaining:
+            if remaining < 6:
                 self._abort(reason=0x06)
                 raise ProtocolError("truncated PDV item")
-            item_length = int.from_bytes(body[offset:offset + 4], "big")
-            if item_length < 2 or offset + 4 + item_length > end:
+            item = self._read(6)
+            item_length, context_id, header = int.from_bytes(item[:4], "big"), item[4], item[5]
+            if item_length < 2 or 4 + item_length > remaining:
                 self._abort(reason=0x06)
                 raise ProtocolError("PDV item length out of bounds")
-            context_id, header = body[offset + 4], body[offset + 5]
-            fragment = body[offset + 6:offset + 4 + item_length]
-            offset += 4 + item_length
+            remaining -= 4 + item_length
             if context_id not in self.accepted:
                 self._abort(reason=0x06)
                 raise ProtocolError(f"PDV on presentation context {context_id}, not accepted")
             if header & 0x01:
-                self._command_fragment(context_id, fragment, last=bool(header & 0x02))
+                self._command_fragment(context_id, item_length - 2, last=bool(header & 0x02))
             else:
-                self._data_fragment(context_id, fragment, last=bool(header & 0x02))
+                self._data_fragment(context_id, item_length - 2, last=bool(header & 0x02))
 
-    def _command_fragment(self, context_id: int, fragment: memoryview, *, last: bool) -> None:
+    def _command_fragment(self, context_id: int, size: int, *, last: bool) -> None:
         if self.pending is not None:
             self._abort(reason=0x02)
             raise ProtocolError("command fragment while a data set was arriving")
-        self.command += fragment
+        if len(self.command) + size > MAX_COMMAND_LENGTH:
+            self._abort(reason=0x06)
+            raise ProtocolError("command set longer than a command set can be")
+        while size:
+            piece = min(size, len(self.buffer))
+            self.command += self._read(piece)
+            size -= piece
         if not last:
             return
         try:
@@ -364,12 +375,15 @@ class _Association:
             raise ProtocolError("command set without a Command Field" if field is None
                                 else f"DIMSE command {field:#06x} on a storage association")
 
-    def _data_fragment(self, context_id: int, fragment: memoryview, *, last: bool) -> None:
+    def _data_fragment(self, context_id: int, size: int, *, last: bool) -> None:
         pending = self.pending
         if pending is None or pending.context_id != context_id:
             self._abort(reason=0x02)
             raise ProtocolError("data set fragment without its command")
-        pending.write(fragment)
+        while size:
+            piece = min(size, len(self.buffer))
+            pending.write(self._read(piece))
+            size -= piece
         if last:
             self.pending = None
             try:

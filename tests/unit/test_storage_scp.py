@@ -144,6 +144,27 @@ def test_same_blob_key_as_the_general_store_path(scp: Scp, core: Core, tmp_path:
     assert len(list(core.blobs.keys())) == 1
 
 
+def test_a_data_set_in_one_pdu_larger_than_128_mib_is_stored(scp: Scp, core: Core) -> None:
+    """VNA sets no maximum PDU length, so a pynetdicom SCU sends a whole data set in
+    one PDU: a 140 MiB multi-frame instance was aborted (a PDU over 128 MiB),
+    and a smaller one held whole in memory. The PDU is now read as it comes."""
+    ds = ct_instance(rows=512, columns=512)
+    ds.NumberOfFrames = 280
+    ds.PixelData = bytes(512 * 512 * 2 * 280)
+    assoc = _scu((CTImageStorage, ExplicitVRLittleEndian)).associate("127.0.0.1", scp.port)
+    assert assoc.acceptor.maximum_length == 0  # no maximum: one PDU, one PDV
+    assert assoc.send_c_store(ds).Status == status.SUCCESS
+    assoc.release()
+    (key,) = list(core.blobs.keys())
+    with core.blobs.open(key) as fp:
+        head = fp.read(1 << 16)
+        fp.seek(0, io.SEEK_END)
+        size = fp.tell()
+    sent = _data_set(ds)
+    assert size == read_header(io.BytesIO(head)).dataset_offset + len(sent)
+    del ds, sent
+
+
 def test_small_pdus_fragment_data_set_and_command(core: Core) -> None:
     """A 16 kB maximum PDU: the data set arrives in many fragments, and our responses
     fit the requester's own small maximum."""
