@@ -346,3 +346,33 @@ def test_a_blob_refused_for_good_gives_way_to_one_the_index_was_away_for(
 
     assert (report.indexed, report.refused, report.conflicts) == (1, 1, [])
     assert rebuilt[sop][0] == keys["accepted"]
+
+
+class JournalingMeanwhile(FilesystemBlobStore):
+    """Before the second listing of its keys, a blob that is not an instance is
+    written (a refusal note here): as when reindex, between its two passes, indexes
+    an instance that follows a merge and so writes a journal entry."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.listings = 0
+
+    def keys(self) -> Iterator[BlobKey]:
+        self.listings += 1
+        if self.listings == 2:
+            BlobJournal(self).refuse(BlobKey("0" * 64), sop_instance_uid="1.2.3",
+                                     failure="sop-conflict", reason="a test")
+        return super().keys()
+
+
+def test_a_blob_written_while_reindex_runs_is_not_taken_for_an_instance(
+        tmp_path: Path, new_url: Callable[[], str]) -> None:
+    blobs = JournalingMeanwhile(tmp_path / "blobs")
+    path = _file(ct_instance(), tmp_path, "one")
+    blobs.put_file(BlobKey(hashlib.sha256(path.read_bytes()).hexdigest()), path)
+
+    report, rebuilt = _reindexed(blobs, new_url())
+
+    assert blobs.listings >= 2
+    assert (report.indexed, report.failed) == (1, 0)
+    assert len(rebuilt) == 1

@@ -67,46 +67,28 @@ def reindex(*, blobs: BlobStore, index: Index,
     instance accepted in its place, if any, is indexed first, and the noted one is
     then left out on the conflict, never merely for the note."""
     report = ReindexReport()
-    entries: list[JournalEntry] = []
-    special: set[BlobKey] = set()
-    refused: set[BlobKey] = set()  # noted as refused for good
-    unsettled: set[BlobKey] = set()  # noted as not recorded (the index was away)
-    head_size = max(len(MAGIC), len(REFUSAL))
+    found = _Found(report)
     for key in blobs.keys():
         report.blobs += 1
-        try:
-            head = blobs.read_range(key, 0, head_size)
-            if is_journal(head) or is_refusal(head):
-                special.add(key)
-                with blobs.open(key) as fp:
-                    data = fp.read()
-                if is_journal(head):
-                    entries.append(decode(key, data))
-                else:
-                    note = read_refusal(key, data)
-                    (refused if note.settled else unsettled).add(note.blob_key)
-        except JournalError:
-            special.add(key)
-            report.failed += 1
-            log.exception("reindex: journal entry unreadable", extra={"blob_key": key})
-        except Exception:
-            special.add(key)  # counted once, here
-            report.failed += 1
-            log.exception("reindex: blob unreadable", extra={"blob_key": key})
+        found.sort(key, blobs)
     later: list[BlobKey] = []
     last: list[BlobKey] = []
     for key in blobs.keys():
-        if key in special:
+        if key in found.special:
             continue
-        if key in refused:
+        if key in found.refused:
             last.append(key)
-        elif key in unsettled:
+        elif key in found.unsettled:
             later.append(key)
-        else:
+        elif not found.sort(key, blobs):
+            # An instance. Its head is read again: a key the first pass did not list
+            # may be a journal entry written meanwhile (indexing an instance that
+            # follows a merge writes one).
             _index_one(key, blobs=blobs, index=index, extended=extended, report=report)
     for key in (*later, *last):
         _index_one(key, blobs=blobs, index=index, extended=extended, report=report,
                    refused_when_stored=True)
+    entries = found.entries
     report.journal = len(entries)
     replay_journal(entries, index=index, report=report)
     outcome = ("success" if not (report.failed or report.mismatched or report.conflicts)
@@ -118,6 +100,47 @@ def reindex(*, blobs: BlobStore, index: Index,
                f"orphaned={report.orphaned} mismatched={len(report.mismatched)} "
                f"refused={report.refused} conflicts={len(report.conflicts)}")
     return report
+
+
+class _Found:
+    """The journal entries and refusal notes among the blobs, and what the notes name."""
+
+    HEAD = max(len(MAGIC), len(REFUSAL))
+
+    def __init__(self, report: ReindexReport) -> None:
+        self.report = report
+        self.entries: list[JournalEntry] = []
+        self.special: set[BlobKey] = set()
+        """Keys that are not instances: entries, notes, and blobs that failed here."""
+        self.refused: set[BlobKey] = set()  # noted as refused for good
+        self.unsettled: set[BlobKey] = set()  # noted as not recorded (the index was away)
+
+    def sort(self, key: BlobKey, blobs: BlobStore) -> bool:
+        """Take in ``key`` if it is an entry or a note (or unreadable): True then;
+        False for an instance."""
+        if key in self.special:
+            return True
+        try:
+            head = blobs.read_range(key, 0, self.HEAD)
+            if not (is_journal(head) or is_refusal(head)):
+                return False
+            self.special.add(key)
+            with blobs.open(key) as fp:
+                data = fp.read()
+            if is_journal(head):
+                self.entries.append(decode(key, data))
+            else:
+                note = read_refusal(key, data)
+                (self.refused if note.settled else self.unsettled).add(note.blob_key)
+        except JournalError:
+            self.special.add(key)
+            self.report.failed += 1
+            log.exception("reindex: journal entry unreadable", extra={"blob_key": key})
+        except Exception:
+            self.special.add(key)  # counted once, here
+            self.report.failed += 1
+            log.exception("reindex: blob unreadable", extra={"blob_key": key})
+        return True
 
 
 def _index_one(key: BlobKey, *, blobs: BlobStore, index: Index, extended: ExtendedAttributes,
