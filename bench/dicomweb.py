@@ -63,6 +63,7 @@ from bench.ingest import (
     fmt_row,
     generate,
     http_get,
+    ratio_text,
     run_dir,
     wait_until,
     warm_memory,
@@ -594,11 +595,7 @@ def stow_summary(vna: Figures, ref: Figures) -> tuple[float | None, str]:
     ratios = [v / r for v, r in zip(vna.stow_rounds, ref.stow_rounds, strict=False) if r]
     if not ratios:
         return None, "-"
-    median = statistics.median(ratios)
-    text = f"{median:.2f}x"
-    if len(ratios) > 1:
-        text += f" ({min(ratios):.2f}-{max(ratios):.2f})"
-    return median, text
+    return statistics.median(ratios), ratio_text(ratios, "x")
 
 
 def _measure_wado(fig: Figures, root: str, files: list[Path], study_uid: str,

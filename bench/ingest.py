@@ -571,6 +571,13 @@ def fmt_row(cells: list[str], widths: list[int]) -> str:
                      enumerate(zip(cells, widths, strict=True)))
 
 
+def ratio_text(ratios: list[float], unit: str = "") -> str:
+    """The median of the rounds' ratios to the reference, with their range when
+    there are several (this benchmark's and the DICOMweb one's tables)."""
+    text = f"{statistics.median(ratios):.2f}{unit}"
+    return text + f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else text
+
+
 def print_table(results: list[Measurement], files: int, megabytes: float) -> None:
     """One row per target and association count: the round with the median inst/s,
     and its ratio to Orthanc as the median of the rounds' ratios (each round's VNA
@@ -588,11 +595,7 @@ def print_table(results: list[Measurement], files: int, megabytes: float) -> Non
         m = sorted(ms, key=lambda x: x.per_second)[(len(ms) - 1) // 2]
         ratios = [x.per_second / orthanc[x.round, associations] for x in ms
                   if orthanc.get((x.round, associations)) and target != "Orthanc"]
-        ratio = "-"
-        if ratios:
-            ratio = f"{statistics.median(ratios):.2f}"
-            if len(ratios) > 1:
-                ratio += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+        ratio = ratio_text(ratios) if ratios else "-"
         rows.append([m.target, str(m.associations), f"{m.per_second:.0f}",
                      f"{m.mb_per_second:.1f}", f"{m.seconds:.2f}",
                      f"{m.cpu_seconds * 1000 / m.count:.2f}", f"{m.rss_mib:.0f}",

@@ -275,14 +275,13 @@ def _column_value(element: dict[str, Any] | None, vr: str) -> Any:
         return number if _INT_MIN <= number <= _INT_MAX else None
     if not values:
         return ""
-    if vr == "PN":
-        return "\\".join(
-            "=".join(v.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic")
-                     if k in v) if isinstance(v, dict) else "" if v is None else str(v)
-            for v in values).replace("\0", "")[:VALUE_LENGTH]
+    text = "\\".join(
+        "=".join(v.get(k, "") for k in ("Alphabetic", "Ideographic", "Phonetic") if k in v)
+        if vr == "PN" and isinstance(v, dict) else "" if v is None else str(v)
+        for v in values)
     # NUL inside a value (a damaged one: padding is stripped already) is dropped: a
     # PostgreSQL text column refuses it, and with it the indexer's whole batch.
-    return "\\".join("" if v is None else str(v) for v in values).replace("\0", "")[:VALUE_LENGTH]
+    return text.replace("\0", "")[:VALUE_LENGTH]
 
 
 _INT_VRS = {"IS", "US", "UL", "SL", "SS"}
