@@ -7,6 +7,10 @@ files, one association and four in parallel, each into a fresh server:
 
 ``--profile N`` instead runs ``vna run`` under cProfile (all threads) for N instances
 over one association and prints where the time goes.
+
+``--ablate orthanc-sync`` (or ``no-hash``, or both joined by a comma) adds a VNA
+target that skips some of what the store path guarantees (``bench/ablation``), to
+say what the difference to Orthanc is made of. Never a setting of the product.
 """
 
 from __future__ import annotations
@@ -626,19 +630,38 @@ def print_table(results: list[Measurement], files: int, megabytes: float) -> Non
               "can swing by a fifth.")
 
 
-def run_benchmark(count: int, vna_env: dict[str, str], only: set[str], rounds: int = 1) -> int:
+ABLATIONS = ("orthanc-sync", "no-hash")
+"""What ``bench/ablation/sitecustomize.py`` can leave out of ``vna run``."""
+
+
+def ablated(variant: str, vna_env: dict[str, str]) -> Callable[[Path], Server]:
+    """A ``vna run`` target that leaves out ``variant`` (``ABLATIONS``, comma-joined)."""
+    env = {**vna_env, "VNA_BENCH_ABLATE": variant,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR / "ablation"),
+                                                        os.environ.get("PYTHONPATH")]))}
+
+    def make(workdir: Path) -> Server:
+        server = VnaServer(workdir, extra_env=env)
+        server.name = f"VNA ablated ({variant})"
+        return server
+    return make
+
+
+def run_benchmark(count: int, vna_env: dict[str, str], only: set[str], rounds: int = 1,
+                  ablate: list[str] | None = None) -> int:
     files = generate(count)
     megabytes = sum(f.stat().st_size for f in files) / 1e6
     study_uid = study_uid_of(files[0])
     targets: list[tuple[str, Callable[[Path], Server]]] = [
         ("vna", lambda d: VnaServer(d, extra_env=vna_env)),
+        *((f"vna ablated {variant}", ablated(variant, vna_env)) for variant in ablate or []),
         ("vna-up", lambda d: VnaUpServer(d, extra_env=vna_env))]
     if shutil.which("Orthanc"):
         targets.append(("orthanc", OrthancServer))
     else:
         print("Orthanc is not installed (apt-get install orthanc): no reference figure")
     targets.append(("storescp", StorescpServer))
-    targets = [t for t in targets if not only or t[0] in only]
+    targets = [t for t in targets if not only or t[0].split(" ablated ")[0] in only]
     results: list[Measurement] = []
     for round_ in range(rounds):
         for parallel in (1, PARALLEL):
@@ -713,10 +736,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vna-env", action="append", default=[], metavar="VNA_X=VALUE",
                         help="extra setting for vna run, e.g. VNA_INGEST_WORKERS=2 "
                              "(default: the embedded defaults)")
+    parser.add_argument("--ablate", action="append", default=[], metavar="VARIANT",
+                        help="also measure vna run without some of its guarantees: "
+                             f"{', '.join(ABLATIONS)}, or several joined by a comma "
+                             "(bench/ablation; figures to explain, never a setting)")
     parser.add_argument("--only", action="append", default=[],
                         choices=["vna", "vna-up", "orthanc", "storescp"], help="measure only these")
     args = parser.parse_args(argv)
     vna_env = dict(item.split("=", 1) for item in args.vna_env if "=" in item)
+    for variant in args.ablate:
+        if not set(variant.split(",")) <= set(ABLATIONS):
+            parser.error(f"--ablate {variant}: choose from {', '.join(ABLATIONS)}")
     for tool in ("storescu", "echoscu", "storescp"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: apt-get install -y dcmtk", file=sys.stderr)
@@ -728,7 +758,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 return run_profile(args.profile, vna_env)
             return run_benchmark(count, vna_env, set(args.only),
-                                 1 if args.quick else max(1, args.rounds))
+                                 1 if args.quick else max(1, args.rounds), args.ablate)
         except KeyboardInterrupt:
             print("\ninterrupted: servers stopped", file=sys.stderr)
             return 130
