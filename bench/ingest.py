@@ -654,14 +654,16 @@ def run_benchmark(count: int, vna_env: dict[str, str], only: set[str], rounds: i
     study_uid = study_uid_of(files[0])
     targets: list[tuple[str, Callable[[Path], Server]]] = [
         ("vna", lambda d: VnaServer(d, extra_env=vna_env)),
-        *((f"vna ablated {variant}", ablated(variant, vna_env)) for variant in ablate or []),
         ("vna-up", lambda d: VnaUpServer(d, extra_env=vna_env))]
     if shutil.which("Orthanc"):
         targets.append(("orthanc", OrthancServer))
     else:
         print("Orthanc is not installed (apt-get install orthanc): no reference figure")
     targets.append(("storescp", StorescpServer))
-    targets = [t for t in targets if not only or t[0].split(" ablated ")[0] in only]
+    targets = [t for t in targets if not only or t[0] in only]
+    if any(label == "vna" for label, _ in targets):  # the ablated ones measured beside it
+        targets[1:1] = [(f"vna ablated {variant}", ablated(variant, vna_env))
+                        for variant in ablate or []]
     results: list[Measurement] = []
     for round_ in range(rounds):
         for parallel in (1, PARALLEL):
